@@ -1,0 +1,88 @@
+"""Families whose attention follows transformers' attention interface with half-split rotary.
+
+Llama (GQA), Mistral (sliding window), Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm before rotary),
+Gemma-2 (query_pre_attn_scalar scaling, attention-logit softcapping, alternating sliding window) and
+Phi (partial rotary, dense output, optional q/k LayerNorm). Their modules differ only in a few
+attributes, read off each module instance; `position_embeddings=(cos, sin)` comes from the model's
+own rotary module, computed from the true position ids.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from interp_cache.adapters.base import AttentionLayerRunner, FamilyAdapter
+from interp_cache.attention import AttentionSpec
+from interp_cache.rotary import apply_half_split_rotary
+
+
+class RotaryInterfaceAdapter(FamilyAdapter):
+    rotary = True
+
+    def decoder_layers(self, hf_model):
+        return list(hf_model.model.layers)
+
+    def attention_module(self, layer):
+        return layer.self_attn
+
+    def token_embedding(self, hf_model):
+        return hf_model.model.embed_tokens
+
+    def attention_spec(self, hf_model, layer_idx, module) -> AttentionSpec:
+        config = hf_model.config
+        sliding_window = getattr(module, "sliding_window", None)
+        if sliding_window is None and self.family == "mistral":
+            sliding_window = getattr(config, "sliding_window", None)
+        return AttentionSpec(
+            num_heads=config.num_attention_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=module.head_dim,
+            scaling=module.scaling,
+            softcap=getattr(module, "attn_logit_softcapping", None),
+            sliding_window=sliding_window,
+        )
+
+    def project_qkv(self, module, hidden_states, call_kwargs):
+        b, p, _ = hidden_states.shape
+        shape = (b, p, -1, module.head_dim)
+        q = module.q_proj(hidden_states).view(shape)
+        k = module.k_proj(hidden_states).view(shape)
+        v = module.v_proj(hidden_states).view(shape)
+        if hasattr(module, "q_norm"):  # Qwen3: RMSNorm over each head's channels
+            q, k = module.q_norm(q), module.k_norm(k)
+        if getattr(module, "qk_layernorm", False):  # Phi
+            q, k = module.q_layernorm(q), module.k_layernorm(k)
+        return q, k, v
+
+    def apply_rotary(self, module, q_bphd, k_bpgd, call_kwargs):
+        cos, sin = call_kwargs["position_embeddings"]
+        return apply_half_split_rotary(q_bphd, cos, sin), apply_half_split_rotary(k_bpgd, cos, sin)
+
+    def project_out(self, module, z_bphd):
+        b, p = z_bphd.shape[:2]
+        out_proj = module.dense if hasattr(module, "dense") else module.o_proj
+        return out_proj(z_bphd.reshape(b, p, -1))
+
+    def make_forward(self, module: nn.Module, runner: AttentionLayerRunner):
+        def forward(hidden_states: torch.Tensor, position_embeddings=None, *args: Any, **kwargs: Any):
+            return runner(hidden_states, {"position_embeddings": position_embeddings}), None
+
+        return forward
+
+
+def _family(name: str, *model_types: str) -> RotaryInterfaceAdapter:
+    adapter = RotaryInterfaceAdapter()
+    adapter.family = name
+    adapter.model_types = model_types
+    return adapter
+
+
+LLAMA = _family("llama", "llama")
+MISTRAL = _family("mistral", "mistral")
+QWEN2 = _family("qwen2", "qwen2")
+QWEN3 = _family("qwen3", "qwen3")
+GEMMA2 = _family("gemma2", "gemma2")
+PHI = _family("phi", "phi")

@@ -1,0 +1,31 @@
+"""The state of one forward pass: which cache, which decode step, which true positions.
+
+The hooked model opens a context before the wrapped transformers model runs and closes it after; every
+attention adapter, cache layer and hook call reads step and positions from it, so none of them derives
+positions on its own (the bug class of seed 000).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from interp_cache.cache import HookedCache
+
+
+@dataclass
+class ForwardContext:
+    cache: "HookedCache"
+    step: int
+    positions: torch.Tensor  # [b, p] true absolute positions of this forward's tokens
+    is_padding: torch.Tensor  # [b, p] True where the token is padding
+    has_padding: bool  # is_padding.any(), computed once
+    persistent: bool  # False when the caller asked for no cache: the cache lives for this forward only
+    mask_memo: dict = field(default_factory=dict)  # attention masks shared by layers with equal key positions
+
+    @property
+    def num_new(self) -> int:
+        return self.positions.shape[1]

@@ -1,0 +1,247 @@
+"""HookedModel: a transformers causal LM with TransformerLens hook points on attention, cache and positions.
+
+Called exactly as transformers is called. Before the wrapped model runs, a forward pre-hook opens a
+`ForwardContext`: it picks the cache (the caller's `HookedCache`, a new one, or one that lives for this
+forward only), fixes the true positions of the new tokens (given `position_ids`, else derived from the
+cache's logical length and the attention mask) and hands those positions to the model, so rotary tables,
+learned position embeddings, ALiBi and the stored entry positions all agree. After the run the context
+is closed -- also when the run raises, in which case the cache writes of the failed forward are undone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformer_lens.HookedRootModule import HookedRootModule
+from transformers.cache_utils import Cache
+
+from interp_cache.adapters import AttentionLayerRunner, adapter_for, family_of
+from interp_cache.cache import HookedCache
+from interp_cache.context import ForwardContext
+from interp_cache.hook_points import BlockHooks, CachedDecodingHookPoint, run_hook
+
+
+class HookedModel(HookedRootModule):
+    def __init__(self, hf_model: nn.Module, tokenizer=None):
+        super().__init__()
+        self.family = family_of(hf_model.config)
+        self.adapter = adapter_for(hf_model.config)
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self._context: ForwardContext | None = None
+        self._pending_lengths: list[tuple[int, int]] | None = None
+
+        adapter = self.adapter
+        layers = adapter.decoder_layers(hf_model)
+        self.hook_embed = CachedDecodingHookPoint()
+        if adapter.learned_positions:
+            self.hook_pos_embed = CachedDecodingHookPoint()
+        self.hook_position_ids = CachedDecodingHookPoint()
+        self.blocks = nn.ModuleList(
+            BlockHooks(i, rotary=adapter.rotary, alibi=adapter.alibi) for i in range(len(layers))
+        )
+        self._accepts_position_ids = adapter.accepts_position_ids(hf_model)
+        self.runners: list[AttentionLayerRunner] = []
+        for i, layer in enumerate(layers):
+            module = adapter.attention_module(layer)
+            runner = AttentionLayerRunner(
+                adapter, module, i, adapter.attention_spec(hf_model, i, module), self.blocks[i], self._require_context
+            )
+            module.forward = adapter.make_forward(module, runner)  # instance attribute: the class is untouched
+            self.runners.append(runner)
+            layer.register_forward_pre_hook(self._resid_pre_hook(i), with_kwargs=True)
+            layer.register_forward_hook(self._resid_post_hook(i))
+        adapter.token_embedding(hf_model).register_forward_hook(self._activation_hook("hook_embed"))
+        if adapter.learned_positions:
+            adapter.position_embedding(hf_model).register_forward_hook(self._activation_hook("hook_pos_embed"))
+        hf_model.register_forward_pre_hook(self._open_context, with_kwargs=True)
+        hf_model.register_forward_hook(self._close_context, always_call=True)
+        self.setup()
+
+    def setup(self):
+        # Only our hook points get names; the wrapped transformers modules are left as they are.
+        self.mod_dict, self.hook_dict = {}, {}
+        for name, module in self.named_modules():
+            if isinstance(module, CachedDecodingHookPoint):
+                module.name = name
+                self.mod_dict[name] = module
+                self.hook_dict[name] = module
+
+    # -- the transformers calling convention ---------------------------------------------------------
+    @property
+    def config(self):
+        return self.hf_model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def new_cache(self) -> HookedCache:
+        return HookedCache(self.num_layers)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: HookedCache | None = None,
+        use_cache: bool = False,
+        **kwargs: Any,
+    ):
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        return self.hf_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        from interp_cache.decoding import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    def set_explicit_attention(self, explicit: bool) -> None:
+        """Force every layer onto the explicit (score-materialising) path, e.g. to compare the two paths."""
+        for runner in self.runners:
+            runner.force_explicit = explicit
+
+    # -- the forward context -------------------------------------------------------------------------
+    @property
+    def context(self) -> ForwardContext | None:
+        """The context of the forward now running (None between forwards)."""
+        return self._context
+
+    def _require_context(self) -> ForwardContext:
+        if self._context is None:
+            raise RuntimeError("hooked attention ran outside a HookedModel forward (no context is open)")
+        return self._context
+
+    def _open_context(self, module, args, kwargs):
+        if args:
+            kwargs = {**dict(zip(("input_ids", "attention_mask"), args)), **kwargs}
+            args = ()
+        input_ids, inputs_embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if reference is None:
+            raise ValueError("the model needs input_ids or inputs_embeds")
+        b, p = reference.shape[:2]
+        if p == 0:
+            raise ValueError("empty input: input_ids has 0 tokens; pass at least one token per row")
+
+        cache, persistent = self._choose_cache(kwargs, b)
+        new_is_padding = self._new_padding(kwargs.get("attention_mask"), cache, b, p, reference.device)
+
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            positions = cache.derive_positions(new_is_padding)
+        else:
+            if position_ids.ndim != 2 or position_ids.shape[-1] != p or position_ids.shape[0] not in (1, b):
+                raise ValueError(f"position_ids must have shape [{b}, {p}] (or [1, {p}]); got {tuple(position_ids.shape)}")
+            positions = position_ids.expand(b, p).long()
+        has_padding = bool(new_is_padding.any())
+        context = ForwardContext(cache, cache.forward_count, positions, new_is_padding, has_padding, persistent)
+        context.positions = run_hook(self.hook_position_ids, positions, context)
+        if self._accepts_position_ids:
+            kwargs["position_ids"] = context.positions
+        self._pending_lengths = cache.snapshot_lengths()
+        self._context = context
+        return args, kwargs
+
+    def _choose_cache(self, kwargs: dict, batch_size: int) -> tuple[HookedCache, bool]:
+        past = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.config, "use_cache", True)
+        if isinstance(past, HookedCache):
+            if len(past.layers) != self.num_layers:
+                raise ValueError(f"the HookedCache has {len(past.layers)} layers; this model has {self.num_layers}")
+            return past, True
+        if past is None or (isinstance(past, Cache) and past.get_seq_length() == 0):
+            cache = self.new_cache()
+            if use_cache:
+                kwargs["past_key_values"] = cache
+            elif past is not None:
+                kwargs["past_key_values"] = None
+            return cache, bool(use_cache)
+        raise TypeError(
+            f"past_key_values must be a HookedCache (from model.new_cache() or a previous output), got "
+            f"{type(past).__name__}; a cache filled by an unhooked model does not know its entries' positions"
+        )
+
+    def _new_padding(self, attention_mask, cache: HookedCache, b: int, p: int, device) -> torch.Tensor:
+        if attention_mask is None:
+            return torch.zeros(b, p, dtype=torch.bool, device=device)
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2:
+            raise ValueError(
+                "attention_mask must be a 2D [batch, past + new tokens] tensor of 0/1 (a 4D or dict mask is not "
+                "accepted: interp_cache builds masks from true positions)"
+            )
+        expected = cache.logical_length + p
+        if attention_mask.shape != (b, expected):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({b}, {expected}) = "
+                f"(batch, {cache.logical_length} cached + {p} new token slots)"
+            )
+        return attention_mask[:, -p:] == 0
+
+    def _close_context(self, module, args, output):
+        context, self._context = self._context, None
+        if context is None:
+            return output
+        if output is None:  # the forward raised: undo its cache writes
+            if self._pending_lengths is not None:
+                context.cache.rollback(self._pending_lengths)
+            return output
+        context.cache.end_forward(context)
+        if not context.persistent and getattr(output, "past_key_values", None) is not None:
+            output.past_key_values = None
+        return output
+
+    # -- residual stream and embedding hooks ---------------------------------------------------------
+    def _activation_hook(self, point_name: str):
+        point = getattr(self, point_name)
+
+        def hook(module, args, output):
+            if point._forward_hooks and self._context is not None:
+                return run_hook(point, output, self._context)
+            return None
+
+        return hook
+
+    def _resid_pre_hook(self, layer_idx: int):
+        point = self.blocks[layer_idx].hook_resid_pre
+
+        def hook(module, args, kwargs):
+            if not point._forward_hooks or self._context is None:
+                return None
+            if args:
+                return (run_hook(point, args[0], self._context), *args[1:]), kwargs
+            kwargs["hidden_states"] = run_hook(point, kwargs["hidden_states"], self._context)
+            return args, kwargs
+
+        return hook
+
+    def _resid_post_hook(self, layer_idx: int):
+        point = self.blocks[layer_idx].hook_resid_post
+
+        def hook(module, args, output):
+            if not point._forward_hooks or self._context is None:
+                return None
+            if isinstance(output, tuple):
+                return (run_hook(point, output[0], self._context), *output[1:])
+            return run_hook(point, output, self._context)
+
+        return hook
