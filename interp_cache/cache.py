@@ -100,9 +100,7 @@ class HookedCacheLayer(CacheLayerMixin):
         keys_bgpd = run_hook(hooks.hook_k_write, keys_bgpd, context)
         values_bgpd = run_hook(hooks.hook_v_write, values_bgpd, context)
         b, g, p, _ = keys_bgpd.shape
-        positions_bgp = context.positions.masked_fill(context.is_padding, PADDING_POSITION)
-        positions_bgp = positions_bgp[:, None, :].expand(b, g, p)
-        self.append(keys_bgpd, values_bgpd, positions_bgp)
+        self.append(keys_bgpd, values_bgpd, context.stored_positions[:, None, :].expand(b, g, p))
         self.has_padding = self.has_padding or context.has_padding
         keys, values, positions = self.read()
         if hooks.hook_positions.is_hooked():
@@ -173,6 +171,7 @@ class HookedCache(Cache):
         super().__init__(layers=[HookedCacheLayer() for _ in range(num_layers)])
         self.next_position: torch.Tensor | None = None  # [b] position the next real token of each row gets
         self.forward_count = 0  # the decode step of the next forward; 0 is the first (the prefill)
+        self.slots_per_forward: list[int] = []  # token slots each past forward fed, for rewind
 
     # -- lifecycle of one forward --------------------------------------------------------------------
     def derive_positions(self, new_is_padding: torch.Tensor) -> torch.Tensor:
@@ -193,6 +192,7 @@ class HookedCache(Cache):
         else:
             self.next_position = torch.maximum(self.next_position, last_real)
         self.forward_count += 1
+        self.slots_per_forward.append(context.num_new)
 
     def snapshot_lengths(self) -> list[tuple[int, int]]:
         return [(layer.physical_length, layer.logical_length) for layer in self.layers]
@@ -233,9 +233,19 @@ class HookedCache(Cache):
             return
         for layer in self.layers:
             layer.crop(-num_tokens)
-        self.next_position = self.layers[0].positions[:, 0, : self.layers[0].physical_length].max(dim=-1).values + 1
-        self.next_position = self.next_position.clamp(min=0)
-        self.forward_count = max(0, self.forward_count - num_tokens)
+        stored = self.layers[0].positions[:, 0, : self.layers[0].physical_length]
+        if stored.shape[-1] == 0:
+            self.next_position = None
+        else:
+            self.next_position = (stored.max(dim=-1).values + 1).clamp(min=0)
+        remaining = num_tokens
+        while remaining:
+            last = self.slots_per_forward.pop()
+            if last > remaining:  # rewinding into the middle of a forward: it stays, shorter
+                self.slots_per_forward.append(last - remaining)
+                break
+            remaining -= last
+            self.forward_count -= 1
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

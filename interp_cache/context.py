@@ -27,5 +27,14 @@ class ForwardContext:
     mask_memo: dict = field(default_factory=dict)  # attention masks shared by layers with equal key positions
 
     @property
+    def stored_positions(self) -> torch.Tensor:
+        """`[b, p]` positions as the cache stores them: -1 for padding. Computed once per forward."""
+        stored = self.mask_memo.get("stored_positions")
+        if stored is None:
+            stored = self.positions.masked_fill(self.is_padding, -1) if self.has_padding else self.positions
+            self.mask_memo["stored_positions"] = stored
+        return stored
+
+    @property
     def num_new(self) -> int:
         return self.positions.shape[1]

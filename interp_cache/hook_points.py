@@ -65,7 +65,19 @@ def run_hook(
     return result
 
 
-class AttentionHooks(nn.Module):
+class _HookContainer(nn.Module):
+    """A module of hook points whose attribute access skips `nn.Module.__getattr__`.
+
+    Hook points are read on every forward of every layer; mirroring them into the instance dict makes
+    that a plain attribute lookup. They stay registered submodules, so names and `named_modules` hold.
+    """
+
+    def _mirror_submodules(self) -> None:
+        for name, module in self._modules.items():
+            self.__dict__[name] = module
+
+
+class AttentionHooks(_HookContainer):
     """`blocks.{i}.attn.*`: projections, positional encoding, scores, pattern and z."""
 
     def __init__(self, layer_idx: int, rotary: bool, alibi: bool):
@@ -81,13 +93,14 @@ class AttentionHooks(nn.Module):
         self.hook_attn_scores = CachedDecodingHookPoint(layer_idx)
         self.hook_pattern = CachedDecodingHookPoint(layer_idx)
         self.hook_z = CachedDecodingHookPoint(layer_idx)
+        self._mirror_submodules()
 
     def needs_explicit_scores(self) -> bool:
         """Score and pattern hooks need the materialised attention matrix: SDPA never forms it."""
         return self.hook_attn_scores.is_hooked() or self.hook_pattern.is_hooked()
 
 
-class CacheHooks(nn.Module):
+class CacheHooks(_HookContainer):
     """`blocks.{i}.cache.*`: what is written to, kept in and read from the layer's KV cache."""
 
     def __init__(self, layer_idx: int):
@@ -99,9 +112,10 @@ class CacheHooks(nn.Module):
         self.hook_k_read = CachedDecodingHookPoint(layer_idx)
         self.hook_v_read = CachedDecodingHookPoint(layer_idx)
         self.hook_positions = CachedDecodingHookPoint(layer_idx)
+        self._mirror_submodules()
 
 
-class BlockHooks(nn.Module):
+class BlockHooks(_HookContainer):
     """`blocks.{i}.*`: the residual stream around layer i, its attention and its cache."""
 
     def __init__(self, layer_idx: int, rotary: bool, alibi: bool):
@@ -111,3 +125,4 @@ class BlockHooks(nn.Module):
         self.cache = CacheHooks(layer_idx)
         self.hook_attn_out = CachedDecodingHookPoint(layer_idx)
         self.hook_resid_post = CachedDecodingHookPoint(layer_idx)
+        self._mirror_submodules()

@@ -10,7 +10,7 @@ is closed -- also when the run raises, in which case the cache writes of the fai
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -44,6 +44,10 @@ class HookedModel(HookedRootModule):
         )
         self._accepts_position_ids = adapter.accepts_position_ids(hf_model)
         self.runners: list[AttentionLayerRunner] = []
+        # (transformers module, hook point, torch-hook installer): installed only while the point is hooked,
+        # so the unhooked fast path carries no torch hook on the embeddings or decoder layers.
+        self._activation_sites: list[tuple[CachedDecodingHookPoint, Callable[[], Any]]] = []
+        self._installed_sites: dict[int, Any] = {}
         for i, layer in enumerate(layers):
             module = adapter.attention_module(layer)
             runner = AttentionLayerRunner(
@@ -51,14 +55,31 @@ class HookedModel(HookedRootModule):
             )
             module.forward = adapter.make_forward(module, runner)  # instance attribute: the class is untouched
             self.runners.append(runner)
-            layer.register_forward_pre_hook(self._resid_pre_hook(i), with_kwargs=True)
-            layer.register_forward_hook(self._resid_post_hook(i))
-        adapter.token_embedding(hf_model).register_forward_hook(self._activation_hook("hook_embed"))
+            block = self.blocks[i]
+            self._add_site(block.hook_resid_pre, lambda l=layer, i=i: l.register_forward_pre_hook(
+                self._resid_pre_hook(i), with_kwargs=True))
+            self._add_site(block.hook_resid_post, lambda l=layer, i=i: l.register_forward_hook(self._resid_post_hook(i)))
+        embedding = adapter.token_embedding(hf_model)
+        self._add_site(self.hook_embed, lambda: embedding.register_forward_hook(self._activation_hook("hook_embed")))
         if adapter.learned_positions:
-            adapter.position_embedding(hf_model).register_forward_hook(self._activation_hook("hook_pos_embed"))
+            position_embedding = adapter.position_embedding(hf_model)
+            self._add_site(self.hook_pos_embed, lambda: position_embedding.register_forward_hook(
+                self._activation_hook("hook_pos_embed")))
         hf_model.register_forward_pre_hook(self._open_context, with_kwargs=True)
         hf_model.register_forward_hook(self._close_context, always_call=True)
         self.setup()
+
+    def _add_site(self, point: CachedDecodingHookPoint, install: Callable[[], Any]) -> None:
+        self._activation_sites.append((point, install))
+
+    def _sync_activation_sites(self) -> None:
+        for index, (point, install) in enumerate(self._activation_sites):
+            handle = self._installed_sites.get(index)
+            if point._forward_hooks and handle is None:
+                self._installed_sites[index] = install()
+            elif not point._forward_hooks and handle is not None:
+                handle.remove()
+                del self._installed_sites[index]
 
     def setup(self):
         # Only our hook points get names; the wrapped transformers modules are left as they are.
@@ -157,6 +178,7 @@ class HookedModel(HookedRootModule):
         if self._accepts_position_ids:
             kwargs["position_ids"] = context.positions
         self._pending_lengths = cache.snapshot_lengths()
+        self._sync_activation_sites()
         self._context = context
         return args, kwargs
 

@@ -1,0 +1,91 @@
+"""Decoding strategies through transformers' loop over a HookedCache (zoo llama unless named)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import hooked, original, padded_batch
+
+
+def _ref_generate(family, input_ids, attention_mask, **kwargs):
+    model = hooked(family)
+    with torch.no_grad():
+        return original(family).generate(
+            input_ids, attention_mask=attention_mask, pad_token_id=model.tokenizer.pad_token_id, **kwargs
+        )
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom"])
+def test_sampling_with_seed_matches_original(family):
+    model = hooked(family)
+    input_ids, attention_mask = padded_batch(model)
+    kwargs = dict(max_new_tokens=12, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3,
+                  num_return_sequences=2)
+    torch.manual_seed(7)
+    expected = _ref_generate(family, input_ids, attention_mask, **kwargs)
+    torch.manual_seed(7)
+    got = model.generate(input_ids, attention_mask=attention_mask, **kwargs)
+    assert got.shape == (4, input_ids.shape[1] + 12)
+    assert torch.equal(got, expected)
+
+
+def test_beam_search_matches_original_llama():
+    model = hooked("llama")
+    input_ids, attention_mask = padded_batch(model)
+    kwargs = dict(max_new_tokens=10, num_beams=4, num_return_sequences=2, do_sample=False)
+    assert torch.equal(model.generate(input_ids, attention_mask=attention_mask, **kwargs),
+                       _ref_generate("llama", input_ids, attention_mask, **kwargs))
+
+
+def test_stop_string_ends_generation():
+    model = hooked("llama")
+    prompt = model.tokenizer(["Hello"], return_tensors="pt")["input_ids"]
+    free = model.generate(prompt, max_new_tokens=20, do_sample=False)
+    text = model.tokenizer.decode(free[0, prompt.shape[1]:])
+    stop = text[3:5]  # a string the free run produces after its third new byte
+    assert len(stop) == 2
+    stopped = model.generate(prompt, max_new_tokens=20, do_sample=False, stop_strings=[stop])
+    stopped_text = model.tokenizer.decode(stopped[0, prompt.shape[1]:])
+    assert stopped_text.endswith(stop) and len(stopped_text) < len(text)
+
+
+def test_eos_token_stops_and_pads():
+    model = hooked("llama")
+    prompt = model.tokenizer(["Hello"], return_tensors="pt")["input_ids"]
+    free = model.generate(prompt, max_new_tokens=10, do_sample=False)
+    eos = int(free[0, prompt.shape[1] + 2])  # declare the third generated token the end of sequence
+    out = model.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=eos)
+    assert out.shape[1] == prompt.shape[1] + 3
+    assert int(out[0, -1]) == eos
+
+
+def test_max_new_tokens_zero_returns_prompt():
+    model = hooked("llama")
+    prompt = model.tokenizer(["Hello"], return_tensors="pt")["input_ids"]
+    assert torch.equal(model.generate(prompt, max_new_tokens=0), prompt)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
+        (dict(max_new_tokens=4, do_sample=True, top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(max_new_tokens=4, do_sample=True, top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(max_new_tokens=4, do_sample=True, temperature=0.0), "temperature must be > 0"),
+        (dict(max_new_tokens=4, num_beams=0), "num_beams must be an integer >= 1"),
+    ],
+)
+def test_bad_generation_arguments_raise_with_accepted_range(kwargs, message):
+    model = hooked("llama")
+    prompt = model.tokenizer(["Hello"], return_tensors="pt")["input_ids"]
+    with pytest.raises(ValueError, match=message):
+        model.generate(prompt, **kwargs)
+
+
+def test_empty_prompt_raises():
+    model = hooked("llama")
+    with pytest.raises(ValueError, match="empty prompt"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=3)
+    with pytest.raises(ValueError, match="empty input"):
+        model(torch.zeros(1, 0, dtype=torch.long))

@@ -1,0 +1,95 @@
+"""Hook contract: step and positions visible to hooks, removal after errors, shape errors, isolation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import interp_cache as ic
+from conftest import hooked, original, original_logits, padded_batch
+from interp_cache.zoo import build_zoo_model
+
+
+def test_hooks_see_decode_step_and_true_positions():
+    model = hooked("llama")
+    input_ids, attention_mask = padded_batch(model)
+    seen = []
+
+    def record(activation, hook):
+        seen.append((hook.step, hook.positions.clone(), hook.key_positions.shape))
+
+    with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", record)]):
+        model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=3, do_sample=False, eos_token_id=None)
+    assert [s for s, _, _ in seen] == [0, 1, 2]
+    prompt_len = input_ids.shape[1]
+    pads = int((attention_mask[1] == 0).sum())
+    assert torch.equal(seen[1][1], torch.tensor([[prompt_len], [prompt_len - pads]]))
+    assert seen[2][2] == (2, model.runners[1].spec.num_kv_heads, prompt_len + 2)
+
+
+def test_hooks_are_removed_after_a_run_that_raises():
+    model = hooked("gpt2")
+    input_ids, attention_mask = padded_batch(model)
+
+    def boom(activation, hook):
+        raise RuntimeError("boom")
+
+    cache = model.new_cache()
+    with pytest.raises(RuntimeError, match="boom"):
+        model.run_with_hooks(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                             fwd_hooks=[("blocks.1.hook_attn_out", boom)])
+    assert all(not point._forward_hooks for point in model.hook_dict.values())
+    assert model.context is None
+    assert cache.logical_length == 0 and cache.physical_lengths == [0, 0]  # the failed forward was undone
+    with torch.no_grad():
+        model(input_ids, attention_mask=attention_mask)
+
+
+def test_wrong_shape_replacement_names_the_hook_and_both_shapes():
+    model = hooked("llama")
+    input_ids, attention_mask = padded_batch(model)
+    with pytest.raises(ic.HookShapeError, match=r"blocks\.0\.attn\.hook_q.*returned shape \(2, 43, 4, 15\).*expected shape \(2, 43, 4, 16\)"):
+        model.run_with_hooks(input_ids, attention_mask=attention_mask,
+                             fwd_hooks=[("blocks.0.attn.hook_q", lambda a, hook: a[..., :15])])
+
+
+def test_patching_a_hook_changes_logits():
+    model = hooked("llama")
+    input_ids, attention_mask = padded_batch(model)
+    with torch.no_grad():
+        clean = model(input_ids, attention_mask=attention_mask).logits
+        patched = model.run_with_hooks(input_ids, attention_mask=attention_mask,
+                                       fwd_hooks=[("blocks.0.attn.hook_z", lambda z, hook: torch.zeros_like(z))]).logits
+    assert (clean - patched).abs().max().item() > 1e-2
+
+
+def test_a_second_unwrapped_model_keeps_the_original_function():
+    model = hooked("llama")
+    fresh = build_zoo_model("llama")
+    assert "forward" not in fresh.model.layers[0].self_attn.__dict__
+    input_ids, attention_mask = padded_batch(model)
+    expected = original_logits(original("llama"), input_ids, attention_mask)
+    assert torch.equal(original_logits(fresh, input_ids, attention_mask), expected)
+
+
+def test_unsupported_architecture_names_the_supported_families():
+    from transformers import T5Config
+
+    with pytest.raises(ic.UnsupportedArchitectureError, match="supported families: gpt2, opt, .*mpt"):
+        ic.HookedModel(torch.nn.Module.__new__(type("Fake", (torch.nn.Module,), {"config": T5Config()})))
+    with pytest.raises(ValueError, match="the zoo has: gpt2"):
+        ic.load("zoo:t5")
+
+
+def test_foreign_cache_and_bad_masks_are_rejected():
+    from transformers import DynamicCache
+
+    model = hooked("llama")
+    input_ids, attention_mask = padded_batch(model)
+    filled = DynamicCache()
+    filled.update(torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16), 0)
+    with pytest.raises(TypeError, match="must be a HookedCache"):
+        model(input_ids, attention_mask=attention_mask, past_key_values=filled, use_cache=True)
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model(input_ids, attention_mask=attention_mask[:, 1:])
+    assert model.context is None
