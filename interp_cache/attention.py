@@ -38,6 +38,7 @@ class AttentionSpec:
     alibi_slopes: torch.Tensor | None = None  # [h] float32; bias = slope * key_position * alibi_scale
     alibi_scale: float = 1.0  # Falcon-RW divides the bias by sqrt(head_dim)
     alibi_dtype: torch.dtype | None = None  # Falcon computes slope * position in bfloat16
+    score_dtype: torch.dtype | None = None  # GPT-J forms scores and softmax in float32 whatever the model dtype
 
     @property
     def uses_alibi(self) -> bool:
@@ -107,6 +108,10 @@ def attend(
     force_explicit: bool = False,
 ) -> torch.Tensor:
     """Attention output z `[b, p, h, d]` (before the output projection)."""
+    value_dtype = values_bgkd.dtype
+    if spec.score_dtype is not None and query_bhpd.dtype != spec.score_dtype:
+        query_bhpd, keys_bgkd = query_bhpd.to(spec.score_dtype), keys_bgkd.to(spec.score_dtype)
+        force_explicit = True
     dtype = query_bhpd.dtype
     p = query_bhpd.shape[2]
     k = keys_bgkd.shape[2]
@@ -164,7 +169,7 @@ def attend(
         if visible is not None:
             scores = scores.masked_fill(~visible, min_value)
         scores = run_hook(hooks.hook_attn_scores, scores, context, key_positions=key_positions_bgk)
-        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value_dtype)
         pattern = run_hook(hooks.hook_pattern, pattern, context, key_positions=key_positions_bgk)
         pattern_bgrpk = pattern.view(b, g, h // g, p, k)
         z_bhpd = torch.matmul(pattern_bgrpk, values_bgkd[:, :, None]).view(b, h, p, -1)

@@ -35,28 +35,27 @@ def _llama_like(config_class, **extra) -> Callable[..., Any]:
             max_position_embeddings=MAX_POSITIONS,
             initializer_range=INIT_RANGE,
             tie_word_embeddings=False,
-            **_COMMON_IDS,
         )
-        fields.update(extra)
-        fields.update(overrides)
-        return config_class(**fields)
+        return _config(config_class, {**fields, **extra}, overrides)
 
     return make
 
 
+def _config(config_class, fields: dict, overrides: dict):
+    return config_class(**{**_COMMON_IDS, **fields, **overrides})
+
+
 def _gpt2(hidden=HIDDEN, layers=LAYERS, heads=HEADS, **overrides):
-    return tf.GPT2Config(
-        n_embd=hidden, n_layer=layers, n_head=heads, n_positions=MAX_POSITIONS, initializer_range=INIT_RANGE,
-        **_COMMON_IDS, **overrides,
-    )
+    fields = dict(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=MAX_POSITIONS, initializer_range=INIT_RANGE)
+    return _config(tf.GPT2Config, fields, overrides)
 
 
 def _opt(hidden=HIDDEN, layers=LAYERS, heads=HEADS, **overrides):
-    return tf.OPTConfig(
+    fields = dict(
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=2 * hidden,
         word_embed_proj_dim=hidden, max_position_embeddings=MAX_POSITIONS, init_std=INIT_RANGE,
-        **_COMMON_IDS, **overrides,
     )
+    return _config(tf.OPTConfig, fields, overrides)
 
 
 def _gpt_neox(hidden=HIDDEN, layers=LAYERS, heads=HEADS, **overrides):
@@ -64,17 +63,16 @@ def _gpt_neox(hidden=HIDDEN, layers=LAYERS, heads=HEADS, **overrides):
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden,
         max_position_embeddings=MAX_POSITIONS, initializer_range=INIT_RANGE, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-        **_COMMON_IDS,
     )
-    fields.update(overrides)
-    return tf.GPTNeoXConfig(**fields)
+    return _config(tf.GPTNeoXConfig, fields, overrides)
 
 
 def _gptj(hidden=HIDDEN, layers=LAYERS, heads=HEADS, **overrides):
-    return tf.GPTJConfig(
+    fields = dict(
         n_embd=hidden, n_layer=layers, n_head=heads, rotary_dim=8, n_positions=MAX_POSITIONS,
-        initializer_range=INIT_RANGE, tie_word_embeddings=False, **_COMMON_IDS, **overrides,
+        initializer_range=INIT_RANGE, tie_word_embeddings=False,
     )
+    return _config(tf.GPTJConfig, fields, overrides)
 
 
 def _phi(hidden=HIDDEN, layers=LAYERS, heads=HEADS, **overrides):
@@ -82,16 +80,13 @@ def _phi(hidden=HIDDEN, layers=LAYERS, heads=HEADS, **overrides):
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden,
         max_position_embeddings=MAX_POSITIONS, initializer_range=INIT_RANGE, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
-        **_COMMON_IDS,
     )
-    fields.update(overrides)
-    return tf.PhiConfig(**fields)
+    return _config(tf.PhiConfig, fields, overrides)
 
 
 def _bloom(hidden=HIDDEN, layers=LAYERS, heads=HEADS, **overrides):
-    return tf.BloomConfig(
-        hidden_size=hidden, n_layer=layers, n_head=heads, initializer_range=INIT_RANGE, **_COMMON_IDS, **overrides
-    )
+    fields = dict(hidden_size=hidden, n_layer=layers, n_head=heads, initializer_range=INIT_RANGE)
+    return _config(tf.BloomConfig, fields, overrides)
 
 
 def _falcon(alibi: bool):
@@ -102,19 +97,18 @@ def _falcon(alibi: bool):
             new_decoder_architecture=False,
             # Falcon-7B style (rotary): multi-query, parallel attention; Falcon-RW style (ALiBi): neither.
             multi_query=not alibi, parallel_attn=not alibi, bias=alibi,
-            **_COMMON_IDS,
         )
-        fields.update(overrides)
-        return tf.FalconConfig(**fields)
+        return _config(tf.FalconConfig, fields, overrides)
 
     return make
 
 
 def _mpt(hidden=HIDDEN, layers=LAYERS, heads=HEADS, **overrides):
-    return tf.MptConfig(
+    fields = dict(
         d_model=hidden, n_heads=heads, n_layers=layers, expansion_ratio=2, max_seq_len=MAX_POSITIONS,
-        initializer_range=INIT_RANGE, attn_config={"alibi": True, "alibi_bias_max": 8}, **_COMMON_IDS, **overrides,
+        initializer_range=INIT_RANGE, attn_config={"alibi": True, "alibi_bias_max": 8},
     )
+    return _config(tf.MptConfig, fields, overrides)
 
 
 ZOO: dict[str, Callable[..., Any]] = {

@@ -1,0 +1,70 @@
+"""The `interp-cache` command: `zoo` lists the built-in models, `verify` checks cached decoding."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _zoo(args) -> int:
+    from interp_cache.zoo import DESCRIPTIONS, ZOO
+
+    for family in ZOO:
+        print(f"zoo:{family:<14} {DESCRIPTIONS[family]}")
+    return 0
+
+
+def _verify(args) -> int:
+    import torch
+
+    import interp_cache as ic
+    from interp_cache.verify import format_markdown, format_table, verify, write_json
+    from interp_cache.zoo import ZOO
+
+    names = [f"zoo:{family}" for family in ZOO] if args.all else (args.model or [])
+    if not names:
+        print("interp-cache verify: name models with --model M (repeatable) or use --all", file=sys.stderr)
+        return 2
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    reports, errors = [], []
+    start = time.perf_counter()
+    for name in names:
+        try:
+            model = ic.load(name, dtype=dtype)
+            reports.append(verify(model, strict_upstream=args.strict_upstream, name=name.removeprefix("zoo:")))
+        except Exception as error:  # one model failing to run must not stop the others
+            errors.append(f"{name}: {type(error).__name__}: {error}")
+    print(format_table(reports))
+    for line in errors:
+        print(f"ERROR {line}", file=sys.stderr)
+    if args.json:
+        write_json(reports, args.json)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(format_markdown(reports))
+    failed = [r.model for r in reports if not r.passed]
+    print(f"\n{len(reports) - len(failed)}/{len(names)} models agree cached vs uncached "
+          f"({time.perf_counter() - start:.0f}s); failed: {', '.join(failed) or 'none'}; errors: {len(errors)}")
+    return 0 if not failed and not errors else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="interp-cache", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("zoo", help="list the built-in tiny models").set_defaults(run=_zoo)
+    v = sub.add_parser("verify", help="check cached vs uncached decoding, model by model")
+    v.add_argument("--model", action="append", help="zoo:<family>, a local path or a hub name (repeatable)")
+    v.add_argument("--all", action="store_true", help="every zoo model")
+    v.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    v.add_argument("--json", metavar="PATH")
+    v.add_argument("--markdown", metavar="PATH")
+    v.add_argument("--strict-upstream", action="store_true",
+                   help="let rows about the original transformers model fail the run")
+    v.set_defaults(run=_verify)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
