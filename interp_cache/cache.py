@@ -169,7 +169,10 @@ class HookedCache(Cache):
 
     def __init__(self, num_layers: int):
         super().__init__(layers=[HookedCacheLayer() for _ in range(num_layers)])
-        self.next_position: torch.Tensor | None = None  # [b] position the next real token of each row gets
+        self._next_position: torch.Tensor | None = None  # [b] position the next real token of each row gets
+        # Positions of forwards not yet folded into _next_position: folding is deferred (and batched) because
+        # transformers' generate passes position ids itself and never needs it on the decode hot path.
+        self._unfolded_positions: list[torch.Tensor] = []
         self.forward_count = 0  # the decode step of the next forward; 0 is the first (the prefill)
         self.slots_per_forward: list[int] = []  # token slots each past forward fed, for rewind
 
@@ -184,13 +187,27 @@ class HookedCache(Cache):
         positions = start[:, None] + is_real.cumsum(-1) - 1
         return positions.masked_fill(new_is_padding, 0)
 
+    @property
+    def next_position(self) -> torch.Tensor | None:
+        if self._unfolded_positions:
+            stored = torch.cat(self._unfolded_positions, dim=-1)  # [b, total new]; -1 for padding
+            self._unfolded_positions = []
+            last_real = stored.max(dim=-1).values + 1
+            if self._next_position is None:
+                self._next_position = last_real.clamp(min=0)
+            else:
+                self._next_position = torch.maximum(self._next_position, last_real)
+        return self._next_position
+
+    @next_position.setter
+    def next_position(self, value: torch.Tensor | None) -> None:
+        self._unfolded_positions = []
+        self._next_position = value
+
     def end_forward(self, context: ForwardContext) -> None:
-        real_positions = context.positions.masked_fill(context.is_padding, -1)
-        last_real = real_positions.max(dim=-1).values + 1
-        if self.next_position is None:
-            self.next_position = last_real.clamp(min=0)
-        else:
-            self.next_position = torch.maximum(self.next_position, last_real)
+        self._unfolded_positions.append(context.stored_positions)
+        if len(self._unfolded_positions) >= 64:
+            self.next_position  # fold, so the list stays short
         self.forward_count += 1
         self.slots_per_forward.append(context.num_new)
 

@@ -172,7 +172,7 @@ class HookedModel(HookedRootModule):
             if position_ids.ndim != 2 or position_ids.shape[-1] != p or position_ids.shape[0] not in (1, b):
                 raise ValueError(f"position_ids must have shape [{b}, {p}] (or [1, {p}]); got {tuple(position_ids.shape)}")
             positions = position_ids.expand(b, p).long()
-        has_padding = bool(new_is_padding.any())
+        has_padding = kwargs.get("attention_mask") is not None and bool(new_is_padding.any())
         context = ForwardContext(cache, cache.forward_count, positions, new_is_padding, has_padding, persistent)
         context.positions = run_hook(self.hook_position_ids, positions, context)
         if self._accepts_position_ids:
