@@ -25,22 +25,24 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     raise ValueError(f"dtype {dtype!r} is not accepted; use one of {', '.join(_DTYPES)} or a torch.dtype")
 
 
-def load(name: str, dtype=None, device=None, **zoo_overrides) -> HookedModel:
+def load(name: str, dtype=None, device=None, tokenizer=None, **zoo_overrides) -> HookedModel:
+    """`tokenizer`: use this one instead of the zoo's byte tokenizer or the checkpoint's own."""
     dtype = resolve_dtype(dtype)
     if name.startswith(ZOO_PREFIX):
         family = name[len(ZOO_PREFIX) :]
         if family not in ZOO:
             raise ValueError(f"no zoo model {family!r}; the zoo has: {', '.join(ZOO)}")
         hf_model = build_zoo_model(family, dtype=dtype or torch.float32, **zoo_overrides)
-        tokenizer = ByteTokenizer()
+        tokenizer = tokenizer or ByteTokenizer()
     else:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         family_of(AutoConfig.from_pretrained(name))  # unsupported architectures fail before weights load
         hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto").eval()
-        tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
     if device is not None:
         hf_model = hf_model.to(device)
     return HookedModel(hf_model, tokenizer=tokenizer)

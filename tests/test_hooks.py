@@ -93,3 +93,17 @@ def test_foreign_cache_and_bad_masks_are_rejected():
     with pytest.raises(ValueError, match="attention_mask has shape"):
         model(input_ids, attention_mask=attention_mask[:, 1:])
     assert model.context is None
+
+
+def test_a_local_checkpoint_loads_through_the_same_code(tmp_path):
+    """A saved zoo bloom reloads from its path and computes what the zoo model computes."""
+    from interp_cache.tokenizer import ByteTokenizer
+
+    build_zoo_model("bloom").save_pretrained(tmp_path)
+    from_path = ic.load(str(tmp_path), dtype="float32", tokenizer=ByteTokenizer())
+    model = hooked("bloom")
+    assert from_path.family == "bloom"
+    input_ids, attention_mask = padded_batch(model)
+    with torch.no_grad():
+        assert torch.equal(from_path(input_ids, attention_mask=attention_mask).logits,
+                           model(input_ids, attention_mask=attention_mask).logits)
