@@ -27,6 +27,7 @@ class CachedDecodingHookPoint(HookPoint):
 
     During a call, `hook.step` is the decode step (0 is the first forward on a cache, usually the
     prefill), `hook.positions` the true absolute positions `[b, p]` of the tokens of this forward,
+    `hook.is_padding` `[b, p]` which of them are padding,
     `hook.key_positions` the positions `[b, g, k]` of the cache entries attention reads (cache and
     attention hooks only) and `hook.layer_idx` the layer (None outside the blocks).
     """
@@ -36,6 +37,7 @@ class CachedDecodingHookPoint(HookPoint):
         self.layer_idx = layer_idx
         self.step: int | None = None
         self.positions: torch.Tensor | None = None
+        self.is_padding: torch.Tensor | None = None
         self.key_positions: torch.Tensor | None = None
 
     def is_hooked(self) -> bool:
@@ -53,6 +55,7 @@ def run_hook(
         return activation
     point.step = context.step
     point.positions = context.positions
+    point.is_padding = context.is_padding
     point.key_positions = key_positions
     result = point(activation)
     if not isinstance(result, torch.Tensor):

@@ -267,3 +267,9 @@ class HookedModel(HookedRootModule):
             return run_hook(point, output, self._context)
 
         return hook
+
+    def record(self, names_filter=None, device="cpu", dtype=None):
+        """`with model.record(names) as rec: ...`: every hook call's activation with its step and positions."""
+        from interp_cache.recording import record
+
+        return record(self, names_filter, device=device, dtype=dtype)

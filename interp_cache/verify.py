@@ -13,6 +13,11 @@
 6. `noop_hooks`     a no-op hook on every hook point vs the same (explicit) path with no hooks: bitwise
 7. `compression`    policies at a budget >= sequence length vs none (not available until compression lands)
 
+When a cached-vs-uncached row fails, both runs are recorded at every hook point and aligned by token
+slot and decode step; `first_divergence` names the first hook (layer, head, step, absolute position,
+error) that differs beyond tolerance (`interp_cache.localize`). `verify_decode_loop` does the same for a
+user's own decode loop.
+
 Errors: `max_abs_err` is the largest |a - b| over real (non-padding) positions; `max_rel_err` divides it
 by the largest |reference logit|, so it reads as a fraction of the logit scale.
 """
@@ -24,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+
+from interp_cache.localize import first_divergence, localize
 
 if TYPE_CHECKING:
     from interp_cache.hooked_model import HookedModel
@@ -170,11 +177,15 @@ def verify(
     rows = report.rows
     with torch.no_grad():
         full = model(input_ids, attention_mask=attention_mask).logits
-        rows.append(_compare("stepwise", _cached_in_chunks(model, input_ids, attention_mask, 1), full, real,
-                             tolerance["cache"]))
-        for chunk in CHUNK_SIZES:
-            rows.append(_compare(f"chunked[{chunk}]", _cached_in_chunks(model, input_ids, attention_mask, chunk),
-                                 full, real, tolerance["cache"]))
+        for check, chunk in [("stepwise", 1)] + [(f"chunked[{n}]", n) for n in CHUNK_SIZES]:
+            row = _compare(check, _cached_in_chunks(model, input_ids, attention_mask, chunk), full, real,
+                           tolerance["cache"])
+            if not row.passed:
+                row.first_divergence = localize(
+                    model, lambda: _cached_in_chunks(model, input_ids, attention_mask, chunk),
+                    input_ids, attention_mask, tolerance["cache"],
+                ) or row.first_divergence
+            rows.append(row)
 
         worst = None
         for row_index, prompt in enumerate(prompts):
@@ -187,14 +198,14 @@ def verify(
                 worst = row
         rows.append(worst)
 
-        rows.append(_generate_row(model, input_ids, attention_mask, max_new_tokens))
+        rows.append(_generate_row(model, input_ids, attention_mask, max_new_tokens, tolerance["cache"]))
         rows.extend(_original_rows(model, input_ids, attention_mask, full, real, tolerance["original"]))
         rows.append(_noop_hooks_row(model, input_ids, attention_mask, full, real, tolerance["cache"]))
     rows.append(CheckRow("compression", True, None, None, None, note="not available: no compression policies yet"))
     return report
 
 
-def _generate_row(model, input_ids, attention_mask, max_new_tokens) -> CheckRow:
+def _generate_row(model, input_ids, attention_mask, max_new_tokens, tolerance) -> CheckRow:
     kwargs = dict(attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False)
     cached = model.generate(input_ids, **kwargs)
     uncached = model.generate(input_ids, use_cache=False, **kwargs)
@@ -204,8 +215,55 @@ def _generate_row(model, input_ids, attention_mask, max_new_tokens) -> CheckRow:
     if cached.shape == uncached.shape and len(differs) == 0:
         return CheckRow("generate", True, 0.0, 0.0, 0.0, note=f"{cached.shape[1] - prompt_len} greedy tokens equal")
     first = int(differs[0]) if len(differs) else length
-    divergence = Divergence(None, None, None, first - prompt_len, first, float("nan"))
-    return CheckRow("generate", False, None, None, 0.0, divergence, note=f"tokens first differ at step {first - prompt_len}")
+    fed = cached[:, :-1]
+    fed_mask = torch.cat([attention_mask, attention_mask.new_ones(fed.shape[0], fed.shape[1] - prompt_len)], dim=1)
+    divergence = localize(model, lambda: model.generate(input_ids, **kwargs), fed, fed_mask, tolerance)
+    divergence = divergence or Divergence(None, None, None, first - prompt_len, first, float("nan"))
+    return CheckRow("generate", False, None, None, 0.0, divergence,
+                    note=f"tokens first differ at step {first - prompt_len}")
+
+
+def verify_decode_loop(model: "HookedModel", loop_fn, prompts=None, max_new_tokens: int = 16) -> VerifyReport:
+    """Run a user's decode loop and compare every forward it made with one uncached forward.
+
+    `loop_fn(model, input_ids, attention_mask, max_new_tokens) -> LongTensor[b, new]` calls the model the
+    way transformers models are called. Each logit row the loop produced is compared with the uncached
+    logits at the same token slot; on disagreement the first divergent hook is localized.
+    """
+    prompts = tuple(prompts or DEFAULT_PROMPTS)
+    tolerance = TOLERANCES[model.dtype]["cache"]
+    input_ids, attention_mask = _batch(model, prompts)
+    fed_pieces, logit_pieces = [], []
+
+    def capture_inputs(module, args, kwargs):
+        fed_pieces.append(kwargs["input_ids"] if "input_ids" in kwargs else args[0])
+
+    def capture_logits(module, args, output):
+        if output is not None:
+            logit_pieces.append(output.logits.detach())
+
+    handles = [model.hf_model.register_forward_pre_hook(capture_inputs, with_kwargs=True),
+               model.hf_model.register_forward_hook(capture_logits)]
+    try:
+        with torch.no_grad(), model.record() as test:
+            loop_fn(model, input_ids, attention_mask, max_new_tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not fed_pieces:
+        raise ValueError("the decode loop never called the model")
+    fed = torch.cat(fed_pieces, dim=1)
+    got = torch.cat(logit_pieces, dim=1)
+    extra = fed.shape[1] - input_ids.shape[1]
+    fed_mask = torch.cat([attention_mask, attention_mask.new_ones(fed.shape[0], extra)], dim=1)
+    with torch.no_grad(), model.record() as reference:
+        expected = model(fed, attention_mask=fed_mask).logits
+    row = _compare("decode_loop", got, expected, fed_mask.bool(), tolerance)
+    if not row.passed:
+        row.first_divergence = first_divergence(test, reference, tolerance) or row.first_divergence
+    report = VerifyReport(f"{model.family} decode loop", str(model.dtype).replace("torch.", ""))
+    report.rows.append(row)
+    return report
 
 
 def _original_rows(model, input_ids, attention_mask, full, real, tolerance) -> list[CheckRow]:

@@ -1,0 +1,107 @@
+"""Where do two runs of the same tokens first differ? Hook by hook, step by step.
+
+The reference is one uncached forward over every token slot the run under test fed. The run under test
+(cached steps, chunked prefill, `generate`, a user's decode loop) fed the same slots over several
+forwards. Each hook call of the test run is aligned with the reference by token slot -- its new tokens
+are the next slots of the sequence, the cache entries it read are the first slots -- and compared over
+real (non-padding) tokens and entries. The first divergence is the earliest decode step, and within it
+the first hook in model order, whose error exceeds `tolerance * max(1, max |reference|)`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from interp_cache.recording import RecordedCall, Recording, head_axis, position_axis
+
+_KEYED = ("hook_pos_bias", "hook_attn_scores", "hook_pattern")
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _masked_floor(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor <= torch.finfo(torch.float32).min / 2
+
+
+def _divergence_in_call(name: str, call: RecordedCall, reference: RecordedCall, slot: int, tolerance: float):
+    from interp_cache.verify import Divergence
+
+    leaf = name.rsplit(".", 1)[-1]
+    axis = position_axis(name)
+    got = call.activation.float()
+    ref = reference.activation.float()
+    p = call.positions.shape[1]
+    if axis is not None:
+        ref = ref.narrow(axis, slot, p)
+        if leaf in _KEYED:
+            ref = ref[..., : got.shape[-1]]
+        valid = ~call.is_padding
+        valid = valid.view(valid.shape[0], *([1] * (axis - 1)), p, *([1] * (got.ndim - axis - 1)))
+        if leaf in _KEYED and reference.key_positions is not None:
+            key_valid = reference.key_positions[:, :1, : got.shape[-1]] >= 0  # [b, 1, k]
+            valid = valid & key_valid[:, :, None, :]
+    else:
+        k = got.shape[2]
+        ref = ref[:, :, :k]
+        if reference.key_positions is None:
+            return None
+        # Positions are compared everywhere: the -1 that marks a padding entry is itself the information.
+        valid = reference.key_positions[:, :, :k] >= 0
+        if leaf == "hook_positions":
+            valid = torch.ones_like(valid)
+        if got.ndim == 4:
+            valid = valid[..., None]
+    if got.shape != ref.shape:
+        layer = _layer(name)
+        return Divergence(name, layer, None, call.step, None, float("inf"))
+    difference = (got - ref).abs()
+    both_masked = _masked_floor(got) & _masked_floor(ref)
+    valid = valid.expand_as(difference) & ~both_masked
+    difference = difference.masked_fill(~valid, 0.0)
+    scale = max(1.0, ref.masked_fill(~valid, 0.0).abs().max().item())
+    error = difference.max().item()
+    if error <= tolerance * scale:
+        return None
+    index = list(torch.unravel_index(difference.argmax(), difference.shape))
+    row = int(index[0])
+    head = None
+    if head_axis(name) is not None and difference.ndim > head_axis(name):
+        head = int(index[head_axis(name)])
+    if axis is not None:
+        token = int(index[axis])
+        position = int(reference.positions[row, slot + token])
+    else:
+        position = int(reference.key_positions[row, 0, int(index[2])])
+    return Divergence(name, _layer(name), head, call.step, position, error)
+
+
+def _layer(name: str) -> int | None:
+    match = _LAYER.match(name)
+    return int(match.group(1)) if match else None
+
+
+def first_divergence(test: Recording, reference: Recording, tolerance: float):
+    """The earliest (step, model-order) hook call of `test` that differs from `reference`, or None."""
+    found = []
+    for order, name in enumerate(reference.order):
+        if name not in test or position_axis(name) is None and name.rsplit(".", 1)[-1] in ("hook_scores", "hook_keep"):
+            continue
+        slot = 0
+        for call in test[name]:
+            divergence = _divergence_in_call(name, call, reference[name][0], slot, tolerance)
+            if divergence is not None:
+                found.append((call.step, order, divergence))
+                break
+            slot += call.positions.shape[1]
+    return min(found, key=lambda item: item[:2])[2] if found else None
+
+
+def localize(model, run, fed_ids: torch.Tensor, fed_mask: torch.Tensor, tolerance: float):
+    """Record `run()` and an uncached forward over `fed_ids`; return the first divergence (or None)."""
+    with torch.no_grad():
+        with model.record() as test:
+            run()
+        with model.record() as reference:
+            model(fed_ids, attention_mask=fed_mask)
+    return first_divergence(test, reference, tolerance)

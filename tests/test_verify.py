@@ -1,0 +1,123 @@
+"""The verifier: every zoo family passes; injected bug classes are caught and localized (mutation tests).
+
+Each mutation is a cache-only bug (active from decode step 1 on, as the real bugs were), injected as a
+permanent hook on a fresh model, so the uncached reference stays correct.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import interp_cache as ic
+from interp_cache.cli import main as cli_main
+from interp_cache.rotary import apply_half_split_rotary
+from interp_cache.verify import verify, verify_decode_loop
+
+
+def greedy_loop(position_ids_at_zero: bool):
+    def loop(model, input_ids, attention_mask, max_new_tokens):
+        out = model(input_ids, attention_mask=attention_mask, use_cache=True)
+        cache, tokens = out.past_key_values, [out.logits[:, -1].argmax(-1, keepdim=True)]
+        for _ in range(max_new_tokens - 1):
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            extra = {"position_ids": torch.zeros_like(tokens[-1])} if position_ids_at_zero else {}
+            out = model(tokens[-1], attention_mask=attention_mask, past_key_values=cache, use_cache=True, **extra)
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+        return torch.cat(tokens, dim=1)
+
+    return loop
+
+
+def test_a_correct_user_loop_passes():
+    report = verify_decode_loop(ic.load("zoo:llama"), greedy_loop(False))
+    assert report.passed and report.first_divergence is None
+    assert report.rows[0].max_abs_err <= 1e-4
+
+
+def test_seed_000_positions_stuck_at_zero_are_localized():
+    report = verify_decode_loop(ic.load("zoo:llama"), greedy_loop(True))
+    assert not report.passed
+    divergence = report.first_divergence
+    assert (divergence.hook, divergence.step) == ("hook_position_ids", 1)
+
+
+def _only_in_decode(transform):
+    def hook(activation, hook):
+        return transform(activation, hook) if hook.step >= 1 else activation
+
+    return hook
+
+
+def _mutated(family, hook_name, transform):
+    model = ic.load(f"zoo:{family}")
+    model.add_perma_hook(hook_name, _only_in_decode(transform))
+    return model
+
+
+def _rerotate_cached_keys(model):
+    rotary = model.hf_model.model.rotary_emb
+
+    def transform(keys_bgkd, hook):
+        positions = hook.key_positions[:, 0].clamp(min=0)  # [b, k]
+        cos, sin = rotary(keys_bgkd, position_ids=positions)
+        return apply_half_split_rotary(keys_bgkd.transpose(1, 2), cos, sin).transpose(1, 2)
+
+    return transform
+
+
+MUTATIONS = {
+    # seed 003: the cached step's ALiBi bias taken from the first row of a lower-triangular table (all zero)
+    "alibi_first_rows": ("bloom", "blocks.0.attn.hook_pos_bias", lambda bias, hook: torch.zeros_like(bias)),
+    # batched decoding that forgets which cached entries are padding
+    "missing_padding_mask": ("llama", "blocks.0.cache.hook_positions", lambda pos, hook: pos.clamp(min=0)),
+    # KV heads served to the wrong query-head group under GQA
+    "gqa_wrong_kv_heads": ("llama", "blocks.1.cache.hook_k_read", lambda keys, hook: keys.flip(1)),
+    # OPT's learned positions shifted by its offset of 2
+    "opt_position_offset": ("opt", "hook_position_ids", lambda ids, hook: ids + 2),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS) + ["rotary_twice"])
+def test_mutations_are_caught_and_localized(mutation):
+    if mutation == "rotary_twice":
+        family, hook_name = "llama", "blocks.0.cache.hook_k_read"
+        model = ic.load("zoo:llama")
+        model.add_perma_hook(hook_name, _only_in_decode(_rerotate_cached_keys(model)))
+    else:
+        family, hook_name, transform = MUTATIONS[mutation]
+        model = _mutated(family, hook_name, transform)
+    report = verify(model)
+    assert not report.passed
+    failing = [row.check for row in report.rows if not row.passed and not row.upstream]
+    assert "stepwise" in failing and "generate" in failing, failing
+    divergence = report.first_divergence
+    assert divergence.hook == hook_name
+    expected_layer = int(hook_name.split(".")[1]) if hook_name.startswith("blocks.") else None
+    assert divergence.layer == expected_layer
+    assert divergence.step == 1
+
+
+def test_every_zoo_family_passes_unmutated_and_cli_writes_reports(tmp_path):
+    out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
+    code = cli_main(["verify", "--all", "--json", str(out_json), "--markdown", str(out_md)])
+    assert code == 0
+    reports = json.loads(out_json.read_text())
+    assert len(reports) == 14 and all(r["passed"] for r in reports)
+    falcon_alibi = next(r for r in reports if r["model"] == "falcon_alibi")
+    eager = next(row for row in falcon_alibi["rows"] if row["check"] == "original[eager]")
+    assert eager["upstream"] and not eager["passed"] and eager["max_abs_err"] > 1e-2  # transformers' bug
+    assert "upstream finding" in out_md.read_text()
+    assert cli_main(["verify", "--model", "zoo:falcon_alibi", "--strict-upstream"]) == 1
+
+
+def test_bad_inputs_give_clear_errors_and_others_still_run(capsys):
+    code = cli_main(["verify", "--model", "zoo:nope", "--model", "zoo:gpt2"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "zoo:nope" in captured.err and "the zoo has" in captured.err
+    assert "1/2 models agree" in captured.out
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        verify(ic.load("zoo:gpt2", n_positions=40))
