@@ -121,3 +121,9 @@ def test_bad_inputs_give_clear_errors_and_others_still_run(capsys):
     assert "1/2 models agree" in captured.out
     with pytest.raises(ValueError, match="exceed the model's context"):
         verify(ic.load("zoo:gpt2", n_positions=40))
+
+
+@pytest.mark.parametrize("family,dtype", [("falcon", "bfloat16"), ("bloom", "float16")])
+def test_half_precision_runs_pass_within_measured_tolerances(family, dtype):
+    report = verify(ic.load(f"zoo:{family}", dtype=dtype))
+    assert report.passed, [(r.check, r.max_abs_err, r.note) for r in report.rows if not r.passed]
