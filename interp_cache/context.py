@@ -8,6 +8,7 @@ positions on its own (the bug class of seed 000).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,16 +25,13 @@ class ForwardContext:
     is_padding: torch.Tensor  # [b, p] True where the token is padding
     has_padding: bool  # is_padding.any(), computed once
     persistent: bool  # False when the caller asked for no cache: the cache lives for this forward only
+    lengths_before: list[tuple[int, int]]  # each cache layer's (physical, logical) length, to undo a failed forward
     mask_memo: dict = field(default_factory=dict)  # attention masks shared by layers with equal key positions
 
-    @property
+    @cached_property
     def stored_positions(self) -> torch.Tensor:
-        """`[b, p]` positions as the cache stores them: -1 for padding. Computed once per forward."""
-        stored = self.mask_memo.get("stored_positions")
-        if stored is None:
-            stored = self.positions.masked_fill(self.is_padding, -1) if self.has_padding else self.positions
-            self.mask_memo["stored_positions"] = stored
-        return stored
+        """`[b, p]` positions as the cache stores them: -1 for padding. Read after `hook_position_ids` ran."""
+        return self.positions.masked_fill(self.is_padding, -1) if self.has_padding else self.positions
 
     @property
     def num_new(self) -> int:

@@ -31,7 +31,6 @@ class HookedModel(HookedRootModule):
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self._context: ForwardContext | None = None
-        self._pending_lengths: list[tuple[int, int]] | None = None
 
         adapter = self.adapter
         layers = adapter.decoder_layers(hf_model)
@@ -173,11 +172,12 @@ class HookedModel(HookedRootModule):
                 raise ValueError(f"position_ids must have shape [{b}, {p}] (or [1, {p}]); got {tuple(position_ids.shape)}")
             positions = position_ids.expand(b, p).long()
         has_padding = kwargs.get("attention_mask") is not None and bool(new_is_padding.any())
-        context = ForwardContext(cache, cache.forward_count, positions, new_is_padding, has_padding, persistent)
+        context = ForwardContext(
+            cache, cache.forward_count, positions, new_is_padding, has_padding, persistent, cache.snapshot_lengths()
+        )
         context.positions = run_hook(self.hook_position_ids, positions, context)
         if self._accepts_position_ids:
             kwargs["position_ids"] = context.positions
-        self._pending_lengths = cache.snapshot_lengths()
         self._sync_activation_sites()
         self._context = context
         return args, kwargs
@@ -224,8 +224,7 @@ class HookedModel(HookedRootModule):
         if context is None:
             return output
         if output is None:  # the forward raised: undo its cache writes
-            if self._pending_lengths is not None:
-                context.cache.rollback(self._pending_lengths)
+            context.cache.rollback(context.lengths_before)
             return output
         context.cache.end_forward(context)
         if not context.persistent and getattr(output, "past_key_values", None) is not None:

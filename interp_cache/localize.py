@@ -14,9 +14,8 @@ import re
 
 import torch
 
-from interp_cache.recording import RecordedCall, Recording, head_axis, position_axis
+from interp_cache.recording import KEYED_HOOKS, RecordedCall, Recording, head_axis, is_policy_hook, position_axis
 
-_KEYED = ("hook_pos_bias", "hook_attn_scores", "hook_pattern")
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -34,11 +33,11 @@ def _divergence_in_call(name: str, call: RecordedCall, reference: RecordedCall, 
     p = call.positions.shape[1]
     if axis is not None:
         ref = ref.narrow(axis, slot, p)
-        if leaf in _KEYED:
+        if leaf in KEYED_HOOKS:
             ref = ref[..., : got.shape[-1]]
         valid = ~call.is_padding
         valid = valid.view(valid.shape[0], *([1] * (axis - 1)), p, *([1] * (got.ndim - axis - 1)))
-        if leaf in _KEYED and reference.key_positions is not None:
+        if leaf in KEYED_HOOKS and reference.key_positions is not None:
             key_valid = reference.key_positions[:, :1, : got.shape[-1]] >= 0  # [b, 1, k]
             valid = valid & key_valid[:, :, None, :]
     else:
@@ -85,7 +84,7 @@ def first_divergence(test: Recording, reference: Recording, tolerance: float):
     """The earliest (step, model-order) hook call of `test` that differs from `reference`, or None."""
     found = []
     for order, name in enumerate(reference.order):
-        if name not in test or position_axis(name) is None and name.rsplit(".", 1)[-1] in ("hook_scores", "hook_keep"):
+        if name not in test or is_policy_hook(name):
             continue
         slot = 0
         for call in test[name]:

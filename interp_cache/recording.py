@@ -15,9 +15,14 @@ from typing import Callable, Iterator
 import torch
 
 # Which axis of each hook's activation runs over this forward's new tokens (None: over cache entries).
-_QUERY_AXIS_2 = ("hook_pos_bias", "hook_attn_scores", "hook_pattern", "hook_k_write", "hook_v_write")
+KEYED_HOOKS = ("hook_pos_bias", "hook_attn_scores", "hook_pattern")  # [b, h, p, k]: new tokens x entries read
+_QUERY_AXIS_2 = KEYED_HOOKS + ("hook_k_write", "hook_v_write")
 _ENTRY_HOOKS = ("hook_k_read", "hook_v_read", "hook_positions")
 _POLICY_HOOKS = ("hook_scores", "hook_keep")
+
+
+def is_policy_hook(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in _POLICY_HOOKS
 
 
 def position_axis(name: str) -> int | None:
@@ -78,8 +83,7 @@ class Recording:
     def stacked(self, name: str) -> torch.Tensor:
         """Prefill and decode steps of a per-token hook joined along its token axis: one full sequence."""
         axis = position_axis(name)
-        if axis is None or axis == 2 and name.rsplit(".", 1)[-1] in ("hook_pos_bias", "hook_attn_scores",
-                                                                        "hook_pattern"):
+        if axis is None or name.rsplit(".", 1)[-1] in KEYED_HOOKS:
             raise ValueError(f"{name!r} has no single token axis to stack along (per-step key lengths differ)")
         return torch.cat([call.activation for call in self.calls[name]], dim=axis)
 

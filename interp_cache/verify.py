@@ -133,6 +133,17 @@ def _cached_in_chunks(model, input_ids, attention_mask, chunk: int) -> torch.Ten
     return torch.cat(pieces, dim=1)
 
 
+def extend_mask(attention_mask: torch.Tensor, total_length: int) -> torch.Tensor:
+    """The prompt's mask followed by ones for the generated slots, `[b, total_length]`."""
+    extra = total_length - attention_mask.shape[1]
+    return torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], extra)], dim=1)
+
+
+def padding_aware_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as transformers' `generate` makes them: count real tokens, padding at 0."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def unwrapped_copy(model: "HookedModel", attn_implementation: str):
     """The original transformers model with the same weights, under the given attention implementation."""
     from transformers import AutoModelForCausalLM
@@ -143,12 +154,13 @@ def unwrapped_copy(model: "HookedModel", attn_implementation: str):
     return reference.to(model.device).eval()
 
 
-def _original_logits(reference, input_ids, attention_mask) -> torch.Tensor:
+def original_logits(reference, input_ids, attention_mask) -> torch.Tensor:
+    """An unwrapped transformers model called as `generate` calls it (padding-aware position ids)."""
     import inspect
 
     kwargs = {}
     if "position_ids" in inspect.signature(reference.forward).parameters:
-        kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs["position_ids"] = padding_aware_position_ids(attention_mask)
     return reference(input_ids, attention_mask=attention_mask, **kwargs).logits
 
 
@@ -222,7 +234,7 @@ def _generate_row(model, input_ids, attention_mask, max_new_tokens, tolerance) -
                             note=f"tokens differ from step {first - prompt_len} on a near tie: the two candidates' "
                                  f"logits differ by {margin:.1e} <= tolerance")
     fed = cached[:, :-1]
-    fed_mask = torch.cat([attention_mask, attention_mask.new_ones(fed.shape[0], fed.shape[1] - prompt_len)], dim=1)
+    fed_mask = extend_mask(attention_mask, fed.shape[1])
     divergence = localize(model, lambda: model.generate(input_ids, **kwargs), fed, fed_mask, tolerance)
     divergence = divergence or Divergence(None, None, None, first - prompt_len, first, float("nan"))
     return CheckRow("generate", False, None, None, 0.0, divergence,
@@ -232,9 +244,7 @@ def _generate_row(model, input_ids, attention_mask, max_new_tokens, tolerance) -
 def _tie_margin(model, cached, uncached, attention_mask, first: int) -> float:
     """How far apart, in the uncached model's logits, the two tokens chosen at slot `first` are."""
     prefix = cached[:, :first]
-    extra = prefix.shape[1] - attention_mask.shape[1]
-    mask = torch.cat([attention_mask, attention_mask.new_ones(prefix.shape[0], extra)], dim=1)
-    logits = model(prefix, attention_mask=mask).logits[:, -1].float()
+    logits = model(prefix, attention_mask=extend_mask(attention_mask, first)).logits[:, -1].float()
     rows = (cached[:, first] != uncached[:, first]).nonzero().flatten()
     chosen = logits[rows, cached[rows, first]]
     alternative = logits[rows, uncached[rows, first]]
@@ -272,8 +282,7 @@ def verify_decode_loop(model: "HookedModel", loop_fn, prompts=None, max_new_toke
         raise ValueError("the decode loop never called the model")
     fed = torch.cat(fed_pieces, dim=1)
     got = torch.cat(logit_pieces, dim=1)
-    extra = fed.shape[1] - input_ids.shape[1]
-    fed_mask = torch.cat([attention_mask, attention_mask.new_ones(fed.shape[0], extra)], dim=1)
+    fed_mask = extend_mask(attention_mask, fed.shape[1])
     with torch.no_grad(), model.record() as reference:
         expected = model(fed, attention_mask=fed_mask).logits
     row = _compare("decode_loop", got, expected, fed_mask.bool(), tolerance)
@@ -293,7 +302,7 @@ def _original_rows(model, input_ids, attention_mask, full, real, tolerance) -> l
             rows.append(CheckRow(f"original[{implementation}]", True, None, None, None, upstream=True,
                                  note=f"skipped: transformers offers no {implementation} path ({str(error)[:80]})"))
             continue
-        originals[implementation] = _original_logits(reference, input_ids, attention_mask)
+        originals[implementation] = original_logits(reference, input_ids, attention_mask)
         rows.append(_compare(f"original[{implementation}]", full, originals[implementation], real, tolerance))
     if len(originals) == 2:
         eager, sdpa = originals["eager"], originals["sdpa"]

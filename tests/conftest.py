@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import functools
-import inspect
-
 import pytest
 import torch
 
 import interp_cache as ic
+from interp_cache import verify
 from interp_cache.zoo import ZOO, build_zoo_model
 
 FAMILIES = list(ZOO)
@@ -33,11 +32,8 @@ def padded_batch(model: ic.HookedModel, prompts=PROMPTS):
 
 def original_logits(hf_model, input_ids, attention_mask):
     """The original model called as `generate` calls it: padding-aware position ids where it takes them."""
-    kwargs = {}
-    if "position_ids" in inspect.signature(hf_model.forward).parameters:
-        kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        return hf_model(input_ids, attention_mask=attention_mask, **kwargs).logits
+        return verify.original_logits(hf_model, input_ids, attention_mask)
 
 
 @pytest.fixture(params=FAMILIES)

@@ -18,7 +18,6 @@ the core do the same (half-precision GPT-J takes the explicit path for that reas
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
