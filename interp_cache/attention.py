@@ -71,18 +71,72 @@ def visibility_mask(
     key_positions_bgk: torch.Tensor,
     num_new: int,
     sliding_window: int | None,
+    first_query_index: int = 0,
 ) -> torch.Tensor:
-    """Boolean `[b, g, p, k]`: True where the query may attend the entry (see the module docstring)."""
+    """Boolean `[b, g, p, k]`: True where the query may attend the entry (see the module docstring).
+
+    The queries are this forward's new tokens from index `first_query_index` on (a compression policy
+    scores with the last few queries only); the last `num_new` entries are this forward's own.
+    """
     k = key_positions_bgk.shape[-1]
     p = query_positions_bp.shape[-1]
     visible = (key_positions_bgk >= 0)[:, :, None, :].expand(-1, -1, p, -1)
     written_before = torch.ones(p, k, dtype=torch.bool, device=key_positions_bgk.device)
-    written_before[:, k - num_new :] = torch.ones(p, num_new, dtype=torch.bool, device=written_before.device).tril()
+    own = torch.ones(p, num_new, dtype=torch.bool, device=written_before.device)
+    written_before[:, k - num_new :] = own.tril(diagonal=first_query_index)
     visible = visible & written_before
     if sliding_window is not None:
         distance = query_positions_bp[:, None, :, None] - key_positions_bgk[:, :, None, :]
         visible = visible & (distance < sliding_window)
     return visible
+
+
+def masked_scores(
+    query_bhpd: torch.Tensor,
+    keys_bgkd: torch.Tensor,
+    spec: AttentionSpec,
+    bias_bhpk: torch.Tensor | None,
+    visible_bhpk: torch.Tensor | None,
+) -> torch.Tensor:
+    """Pre-softmax scores `[b, h, p, k]`: scaled, softcapped, ALiBi-biased, invisible entries at the dtype minimum."""
+    b, h, p, d = query_bhpd.shape
+    g, k = keys_bgkd.shape[1], keys_bgkd.shape[2]
+    query_bgrpd = query_bhpd.view(b, g, h // g, p, d)
+    scores = torch.matmul(query_bgrpd, keys_bgkd[:, :, None].transpose(-1, -2)).view(b, h, p, k)
+    scores = scores * spec.scaling
+    if spec.softcap is not None:
+        scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    if bias_bhpk is not None:
+        scores = scores + bias_bhpk
+    if visible_bhpk is not None:
+        scores = scores.masked_fill(~visible_bhpk, torch.finfo(scores.dtype).min)
+    return scores
+
+
+def attention_probabilities(
+    query_bhpd: torch.Tensor,
+    keys_bgkd: torch.Tensor,
+    key_positions_bgk: torch.Tensor,
+    spec: AttentionSpec,
+    query_positions_bp: torch.Tensor,
+    num_new: int,
+    first_query_index: int = 0,
+) -> torch.Tensor:
+    """Float32 attention weights `[b, h, p, k]` the core gives these queries (no hooks): what policies score with.
+
+    `query_bhpd` are this forward's queries from index `first_query_index` on; masks follow the core's rule.
+    """
+    if spec.score_dtype is not None:
+        query_bhpd, keys_bgkd = query_bhpd.to(spec.score_dtype), keys_bgkd.to(spec.score_dtype)
+    p = query_bhpd.shape[2]
+    bias = None
+    if spec.uses_alibi:
+        bias = alibi_bias(spec, key_positions_bgk, query_bhpd.dtype).expand(-1, -1, p, -1)
+    visible = visibility_mask(query_positions_bp, key_positions_bgk, num_new, spec.sliding_window, first_query_index)
+    if visible.shape[1] != spec.num_heads:
+        visible = visible.repeat_interleave(spec.num_heads // visible.shape[1], dim=1)
+    scores = masked_scores(query_bhpd, keys_bgkd, spec, bias, visible)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32)
 
 
 def _needs_mask(context: ForwardContext, key_positions_bgk: torch.Tensor, sliding_window: int | None, has_padding: bool):
@@ -157,17 +211,9 @@ def attend(
             enable_gqa=spec.num_heads != spec.num_kv_heads,
         )
     else:
-        b, h, _, d = query_bhpd.shape
+        b, h = query_bhpd.shape[:2]
         g = spec.num_kv_heads
-        query_bgrpd = query_bhpd.view(b, g, h // g, p, d)
-        scores = torch.matmul(query_bgrpd, keys_bgkd[:, :, None].transpose(-1, -2)).view(b, h, p, k)
-        scores = scores * spec.scaling
-        if spec.softcap is not None:
-            scores = torch.tanh(scores / spec.softcap) * spec.softcap
-        if bias is not None:
-            scores = scores + bias
-        if visible is not None:
-            scores = scores.masked_fill(~visible, min_value)
+        scores = masked_scores(query_bhpd, keys_bgkd, spec, bias, visible)
         scores = run_hook(hooks.hook_attn_scores, scores, context, key_positions=key_positions_bgk)
         pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value_dtype)
         pattern = run_hook(hooks.hook_pattern, pattern, context, key_positions=key_positions_bgk)

@@ -17,24 +17,39 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from interp_cache.context import ForwardContext
 from interp_cache.hook_points import CacheHooks, run_hook
-
-PADDING_POSITION = -1
+from interp_cache.ragged import PADDING_POSITION, RaggedEntries
 _MIN_CAPACITY = 16
 
 
 class HookedCacheLayer(CacheLayerMixin):
-    """One layer's entries: keys, values, positions; written and read through the cache hooks."""
+    """One layer's entries: keys, values, positions; written, compressed and read through the cache hooks.
+
+    Storage is a uniform tail `[b, g, capacity, d]`, preceded -- only after a head-wise eviction left heads
+    with unequal counts -- by a `RaggedEntries` prefix that stores exactly the entries kept. Attention
+    reads prefix then tail. A compression policy (`interp_cache.compress`) decides in the layer's forward
+    what to keep; the eviction is applied when the forward completes (`apply_pending`), so a forward that
+    raises leaves the cache as it was.
+    """
 
     is_sliding = False
     is_compileable = False
     is_croppable = True
 
-    def __init__(self):
+    def __init__(self, layer_idx: int = 0, num_layers: int = 1, policy=None):
         super().__init__()
+        self.layer_idx = layer_idx
+        self.num_layers = num_layers
+        self.policy = policy
         self.positions: torch.Tensor | None = None  # [b, g, capacity]
-        self.physical_length = 0
+        self.entry_scores: torch.Tensor | None = None  # [b, g, capacity] a policy's running scores (H2O)
+        self.prefix: RaggedEntries | None = None
+        self.policy_state: dict[str, torch.Tensor] = {}  # batch-first tensors a policy keeps (Quest's page bounds)
+        self.physical_length = 0  # entries in the tail
         self.logical_length = 0
         self.has_padding = False
+        self.evicted = False  # entries were removed: heads (and layers) no longer share key positions
+        self.pending: tuple | None = None  # (keep, running scores, budget) chosen in this forward, applied after it
+        self.budget: int | None = None  # per-head budget of the last compression
 
     # -- storage -------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -43,28 +58,37 @@ class HookedCacheLayer(CacheLayerMixin):
         self.keys = key_states.new_empty((b, g, 0, d))
         self.values = value_states.new_empty((b, g, 0, value_states.shape[-1]))
         self.positions = torch.empty((b, g, 0), dtype=torch.long, device=key_states.device)
+        if self.policy is not None and self.policy.keeps_entry_scores:
+            self.entry_scores = torch.zeros((b, g, 0), dtype=torch.float32, device=key_states.device)
         self.is_initialized = True
 
     @property
     def capacity(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
-    def _reserve(self, needed: int) -> None:
-        if needed <= self.capacity:
-            return
-        new_capacity = max(needed, 2 * self.capacity, _MIN_CAPACITY)
-        n = self.physical_length
+    def _tail_tensors(self) -> list[tuple[str, object]]:
+        """(attribute, fill for unused slots) of every per-entry tail tensor."""
+        tensors = [("keys", None), ("values", None), ("positions", PADDING_POSITION)]
+        if self.entry_scores is not None:
+            tensors.append(("entry_scores", 0.0))
+        return tensors
 
-        def grown(old: torch.Tensor, fill) -> torch.Tensor:
+    def _resize_tail(self, new_capacity: int) -> None:
+        n = self.physical_length
+        for name, fill in self._tail_tensors():
+            old = getattr(self, name)
             shape = list(old.shape)
             shape[2] = new_capacity
             new = old.new_full(shape, fill) if fill is not None else old.new_empty(shape)
             new[:, :, :n] = old[:, :, :n]
-            return new
+            setattr(self, name, new)
 
-        self.keys = grown(self.keys, None)
-        self.values = grown(self.values, None)
-        self.positions = grown(self.positions, PADDING_POSITION)
+    def _reserve(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        # 1.5x growth: amortised O(1) appends with at most a third of the storage spare, so a compressed
+        # cache that decodes on does not double its bytes on the first new token.
+        self._resize_tail(max(needed, self.capacity + self.capacity // 2, _MIN_CAPACITY))
 
     def append(self, keys_bgpd: torch.Tensor, values_bgpd: torch.Tensor, positions_bgp: torch.Tensor) -> None:
         if not self.is_initialized:
@@ -75,13 +99,39 @@ class HookedCacheLayer(CacheLayerMixin):
         self.keys[:, :, start : start + p] = keys_bgpd
         self.values[:, :, start : start + p] = values_bgpd
         self.positions[:, :, start : start + p] = positions_bgp
+        if self.entry_scores is not None:
+            self.entry_scores[:, :, start : start + p] = 0.0
         self.physical_length = start + p
         self.logical_length += p
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Views of the stored entries: keys, values `[b, g, k, d]` and positions `[b, g, k]`."""
+        """Keys, values `[b, g, k, d]` and positions `[b, g, k]` of the stored entries (views unless head-wise)."""
         n = self.physical_length
-        return self.keys[:, :, :n], self.values[:, :, :n], self.positions[:, :, :n]
+        tail = self.keys[:, :, :n], self.values[:, :, :n], self.positions[:, :, :n]
+        if self.prefix is None:
+            return tail
+        keys, values, positions, _ = self.prefix.padded()
+        return (torch.cat([keys, tail[0]], 2), torch.cat([values, tail[1]], 2), torch.cat([positions, tail[2]], 2))
+
+    def read_entry_scores(self) -> torch.Tensor | None:
+        """The policy's running scores `[b, g, k]`, aligned with `read()`."""
+        if self.entry_scores is None:
+            return None
+        tail = self.entry_scores[:, :, : self.physical_length]
+        if self.prefix is None or self.prefix.scores_n is None:
+            return tail
+        return torch.cat([self.prefix.padded()[3], tail], 2)
+
+    @property
+    def irregular(self) -> bool:
+        """Entries were evicted: key positions differ between heads and have holes, so masks are per head."""
+        return self.evicted or self.prefix is not None
+
+    def kept_counts(self) -> torch.Tensor:
+        """`[b, g]` entries each head stores (padding entries included)."""
+        b, g = self.positions.shape[:2]
+        counts = torch.full((b, g), self.physical_length, dtype=torch.long, device=self.positions.device)
+        return counts if self.prefix is None else counts + self.prefix.counts_bg
 
     def truncate(self, physical_length: int, logical_length: int) -> None:
         self.physical_length = physical_length
@@ -89,25 +139,120 @@ class HookedCacheLayer(CacheLayerMixin):
         if self.positions is not None:
             self.positions[:, :, physical_length:] = PADDING_POSITION
 
-    # -- the write -> read path used by the attention core -------------------------------------------
+    # -- eviction ------------------------------------------------------------------------------------
+    def retain(self, keep_bgn: torch.Tensor, entry_scores_bgk: torch.Tensor | None = None) -> None:
+        """Keep, per head, the entries of `read()` whose indices `keep_bgn` lists (-1: none); drop the rest.
+
+        Heads that keep equally many entries stay a uniform tail; unequal counts become a ragged prefix
+        holding exactly the kept entries (no padding to the longest head).
+        """
+        keys, values, positions = self.read()
+        scores = entry_scores_bgk if entry_scores_bgk is not None else self.read_entry_scores()
+        k = positions.shape[-1]
+        kept = keep_bgn >= 0
+        # Kept entries first, in stored order, so a head's count is a prefix of its row.
+        order_bgn = torch.where(kept, keep_bgn, k).sort(dim=-1).values
+        kept = order_bgn < k
+        index_bgn = order_bgn.masked_fill(~kept, 0)
+        d_index = index_bgn[..., None]
+        keys = keys.gather(2, d_index.expand(-1, -1, -1, keys.shape[-1]))
+        values = values.gather(2, d_index.expand(-1, -1, -1, values.shape[-1]))
+        positions = positions.gather(2, index_bgn).masked_fill(~kept, PADDING_POSITION)
+        scores = None if scores is None else scores.gather(2, index_bgn)
+        counts = kept.sum(-1)
+        self.evicted = True
+        if bool((counts == counts.flatten()[0]).all()):
+            n = int(counts.flatten()[0]) if counts.numel() else 0
+            self.prefix = None
+            new_tail = {"keys": keys[:, :, :n], "values": values[:, :, :n], "positions": positions[:, :, :n]}
+            if scores is not None:
+                new_tail["entry_scores"] = scores[:, :, :n]
+            self._replace_tail(new_tail, n)
+        else:
+            # Padding entries are never visible: a ragged prefix does not keep them.
+            self.prefix = RaggedEntries.from_padded(keys, values, positions, scores, kept & (positions >= 0))
+            empty = {name: getattr(self, name)[:, :, :0] for name, _ in self._tail_tensors()}
+            self._replace_tail(empty, 0)
+
+    def _replace_tail(self, tensors: dict[str, torch.Tensor], n: int) -> None:
+        # Policies that evict on every decode step (H2O, StreamingLLM) reuse their storage: no reallocation
+        # per step. One-shot compression (after the prefill) shrinks the storage, so the bytes really fall.
+        if self.policy is not None and self.policy.evicts_during_decoding and self.capacity >= n:
+            for name, value in tensors.items():
+                getattr(self, name)[:, :, :n] = value
+        else:
+            for name, value in tensors.items():
+                setattr(self, name, value.clone(memory_format=torch.contiguous_format))
+        self.physical_length = n
+        self.positions[:, :, n:] = PADDING_POSITION
+
+    def apply_pending(self) -> None:
+        """Carry out the keep-set the policy chose during the forward that just completed."""
+        if self.pending is None:
+            return
+        keep, scores, budget = self.pending
+        self.pending = None
+        if keep is not None:
+            self.retain(keep, scores)
+            self.budget = budget
+        elif scores is not None:
+            self.set_entry_scores(scores)
+
+    def set_entry_scores(self, scores_bgk: torch.Tensor) -> None:
+        if self.prefix is not None:
+            m = self.prefix.max_count
+            keys, values, positions, _ = self.prefix.padded()
+            self.prefix = RaggedEntries.from_padded(keys, values, positions, scores_bgk[:, :, :m], positions >= 0)
+            scores_bgk = scores_bgk[:, :, m:]
+        self.entry_scores[:, :, : self.physical_length] = scores_bgk
+
+    # -- the write -> policy -> read path used by the attention core ---------------------------------
     def write_and_read(
         self,
         keys_bgpd: torch.Tensor,
         values_bgpd: torch.Tensor,
         context: ForwardContext,
         hooks: CacheHooks,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        query_bhpd: torch.Tensor | None = None,
+        spec=None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """Append this forward's entries, read what attention sees: keys, values, positions, and whether the
+        read is irregular (per-head positions or holes: the core must mask per head)."""
         keys_bgpd = run_hook(hooks.hook_k_write, keys_bgpd, context)
         values_bgpd = run_hook(hooks.hook_v_write, values_bgpd, context)
         b, g, p, _ = keys_bgpd.shape
+        start = self.physical_length
         self.append(keys_bgpd, values_bgpd, context.stored_positions[:, None, :].expand(b, g, p))
         self.has_padding = self.has_padding or context.has_padding
-        keys, values, positions = self.read()
+        irregular = self.irregular
+        selection = None
+        if self.policy is not None:
+            self.policy.after_write(self, start)
+            selection = self.policy.select_for_read(self, query_bhpd, spec, context, hooks)
+        if selection is None:
+            keys, values, positions = self.read()
+        else:
+            keys, values, positions = selection
+            irregular = True
         if hooks.hook_positions.is_hooked():
             positions = run_hook(hooks.hook_positions, positions, context, key_positions=positions)
+            irregular = True  # a patched position can hide an entry or differ between heads
         keys = run_hook(hooks.hook_k_read, keys, context, key_positions=positions)
         values = run_hook(hooks.hook_v_read, values, context, key_positions=positions)
-        return keys, values, positions
+        return keys, values, positions, irregular
+
+    def after_attention(
+        self,
+        query_bhpd: torch.Tensor,
+        keys_bgkd: torch.Tensor,
+        positions_bgk: torch.Tensor,
+        spec,
+        context: ForwardContext,
+        hooks: CacheHooks,
+    ) -> None:
+        """Let an eviction policy choose what this layer keeps; applied when the forward completes."""
+        if self.policy is not None:
+            self.pending = self.policy.decide_eviction(self, query_bhpd, keys_bgkd, positions_bgk, spec, context, hooks)
 
     # -- transformers' Cache layer interface ---------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -126,26 +271,33 @@ class HookedCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.positions = None
+        self.keys = self.values = self.positions = self.entry_scores = None
+        self.prefix = None
+        self.policy_state = {}
         self.is_initialized = False
         self.physical_length = self.logical_length = 0
-        self.has_padding = False
+        self.has_padding = self.evicted = False
+        self.pending = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
 
+    def _map_batch(self, tensor_fn, ragged_fn) -> None:
+        if not self.is_initialized:
+            return
+        for name, _ in self._tail_tensors():
+            setattr(self, name, tensor_fn(getattr(self, name)))
+        self.policy_state = {name: tensor_fn(value) for name, value in self.policy_state.items()}
+        if self.prefix is not None:
+            self.prefix = ragged_fn(self.prefix)
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             indices = indices.to(self.keys.device)
-            self.keys = self.keys.index_select(0, indices)
-            self.values = self.values.index_select(0, indices)
-            self.positions = self.positions.index_select(0, indices)
+        self._map_batch(lambda t: t.index_select(0, indices), lambda r: r.batch_select(indices))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self.keys = self.keys.repeat_interleave(repeats, dim=0)
-            self.values = self.values.repeat_interleave(repeats, dim=0)
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0), lambda r: r.repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
@@ -153,22 +305,34 @@ class HookedCacheLayer(CacheLayerMixin):
         if tokens_to_remove == 0:
             return
         removed = abs(tokens_to_remove)
-        if self.physical_length != self.logical_length:
-            raise ValueError("crop() needs every token slot still stored; this layer has evicted entries")
+        if self.irregular or self.physical_length != self.logical_length:
+            raise ValueError(
+                f"cannot rewind/crop layer {self.layer_idx}: a compression policy evicted entries, so the last "
+                "token slots are no longer all stored; fork() the cache before the step you want to return to"
+            )
         self.truncate(self.physical_length - removed, self.logical_length - removed)
 
     @property
     def nbytes(self) -> int:
+        """Bytes of every tensor this layer holds: tail storage (spare capacity included), prefix, policy state."""
         if not self.is_initialized:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
+        tensors = [getattr(self, name) for name, _ in self._tail_tensors()] + list(self.policy_state.values())
+        total = sum(t.numel() * t.element_size() for t in tensors)
+        return total + (0 if self.prefix is None else self.prefix.nbytes)
 
 
 class HookedCache(Cache):
-    """A KV cache with true positions per entry, logical vs physical length and amortised growth."""
+    """A KV cache with true positions per entry, logical vs physical length and amortised growth.
 
-    def __init__(self, num_layers: int):
-        super().__init__(layers=[HookedCacheLayer() for _ in range(num_layers)])
+    `policy` (from `interp_cache.compress`) compresses it: every layer consults it when entries are written
+    (selection policies choose what attention reads) and after attention (eviction policies choose what
+    stays); evictions take effect when the forward completes.
+    """
+
+    def __init__(self, num_layers: int, policy=None):
+        super().__init__(layers=[HookedCacheLayer(i, num_layers, policy) for i in range(num_layers)])
+        self.policy = policy
         self._next_position: torch.Tensor | None = None  # [b] position the next real token of each row gets
         # Positions of forwards not yet folded into _next_position: folding is deferred (and batched) because
         # transformers' generate passes position ids itself and never needs it on the decode hot path.
@@ -210,6 +374,9 @@ class HookedCache(Cache):
             self.next_position  # fold, so the list stays short
         self.forward_count += 1
         self.slots_per_forward.append(context.num_new)
+        if self.policy is not None:
+            for layer in self.layers:
+                layer.apply_pending()
 
     def snapshot_lengths(self) -> list[tuple[int, int]]:
         return [(layer.physical_length, layer.logical_length) for layer in self.layers]
@@ -218,6 +385,7 @@ class HookedCache(Cache):
         """Undo the writes of a forward that raised, so a failed step leaves the cache as it was."""
         for layer, (physical, logical) in zip(self.layers, lengths):
             layer.truncate(physical, logical)
+            layer.pending = None
 
     # -- what users ask of a cache -------------------------------------------------------------------
     @property
@@ -226,11 +394,22 @@ class HookedCache(Cache):
 
     @property
     def physical_lengths(self) -> list[int]:
-        return [layer.physical_length for layer in self.layers]
+        """Per layer, the entries attention reads per head (the longest head where heads differ)."""
+        return [0 if not layer.is_initialized else int(layer.kept_counts().max()) for layer in self.layers]
+
+    def kept_counts(self) -> torch.Tensor:
+        """`[layers, b, g]` entries each head of each layer stores: the head-wise budgets actually in use."""
+        return torch.stack([layer.kept_counts() for layer in self.layers])
+
+    @property
+    def layer_budgets(self) -> list[int | None]:
+        """Per layer, the per-head budget of its last compression (None: never compressed)."""
+        return [layer.budget for layer in self.layers]
 
     @property
     def nbytes(self) -> int:
-        """Every byte the cache holds: keys, values and positions of every layer, spare capacity included."""
+        """Every byte the cache holds: keys, values, positions, policy state (scores, page bounds) of every layer,
+        spare capacity included."""
         extra = 0 if self.next_position is None else self.next_position.numel() * self.next_position.element_size()
         return sum(layer.nbytes for layer in self.layers) + extra
 
@@ -248,6 +427,12 @@ class HookedCache(Cache):
             raise ValueError(f"rewind needs 0 <= num_tokens <= {self.logical_length}; got {num_tokens}")
         if num_tokens == 0:
             return
+        evicted = [layer.layer_idx for layer in self.layers if layer.irregular]
+        if evicted:
+            raise ValueError(
+                f"cannot rewind: compression evicted entries in layers {evicted}, so the last token slots are no "
+                "longer all stored; fork() the cache before the step you want to return to"
+            )
         for layer in self.layers:
             layer.crop(-num_tokens)
         stored = self.layers[0].positions[:, 0, : self.layers[0].physical_length]

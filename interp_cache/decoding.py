@@ -2,7 +2,7 @@
 
 Greedy, sampling (temperature / top-k / top-p), repetition penalty, eos and stop strings,
 `num_return_sequences` and beam search (the cache reordered through `HookedCache.reorder_cache`) are
-transformers' code; this module checks the arguments it is handed, supplies the cache and tokenizer,
+transformers' code; `compress=policy` decodes over a cache compressed by that policy; this module checks the arguments it is handed, supplies the cache and tokenizer,
 and nothing else.
 """
 
@@ -60,7 +60,16 @@ def generate(
         if kwargs.get("stop_strings") is not None:
             kwargs.setdefault("tokenizer", tokenizer)
     use_cache = kwargs.pop("use_cache", True)
+    compress = kwargs.pop("compress", None)
+    if compress is not None:
+        if not use_cache:
+            raise ValueError("compress= needs the KV cache; it cannot be combined with use_cache=False")
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError(
+                "pass either compress= or past_key_values=, not both (a cache carries its policy: "
+                "model.new_cache(compress=...))"
+            )
     if use_cache and kwargs.get("past_key_values") is None:
-        kwargs["past_key_values"] = model.new_cache()
+        kwargs["past_key_values"] = model.new_cache(compress=compress)
     with torch.no_grad():
         return model.hf_model.generate(input_ids, attention_mask=attention_mask, use_cache=use_cache, **kwargs)

@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache
 
 from interp_cache.adapters import AttentionLayerRunner, adapter_for, family_of
 from interp_cache.cache import HookedCache
+from interp_cache.compress.base import check_policy
 from interp_cache.context import ForwardContext
 from interp_cache.hook_points import BlockHooks, CachedDecodingHookPoint, run_hook
 
@@ -106,8 +107,11 @@ class HookedModel(HookedRootModule):
     def num_layers(self) -> int:
         return len(self.blocks)
 
-    def new_cache(self) -> HookedCache:
-        return HookedCache(self.num_layers)
+    def new_cache(self, compress=None) -> HookedCache:
+        """An empty cache; `compress` is a policy from `interp_cache.compress` (None: keep every entry)."""
+        if compress is not None:
+            check_policy(compress, self)
+        return HookedCache(self.num_layers, compress)
 
     def forward(
         self,

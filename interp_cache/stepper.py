@@ -24,9 +24,11 @@ if TYPE_CHECKING:
 
 
 class Stepper:
-    def __init__(self, model: "HookedModel", cache: HookedCache | None = None):
+    def __init__(self, model: "HookedModel", cache: HookedCache | None = None, compress=None):
+        if cache is not None and compress is not None:
+            raise ValueError("pass either cache= or compress=, not both (a cache carries its policy)")
         self.model = model
-        self.cache = cache if cache is not None else model.new_cache()
+        self.cache = cache if cache is not None else model.new_cache(compress=compress)
         self.token_ids: torch.Tensor | None = None  # [b, T] every token slot fed so far
         self.attention_mask: torch.Tensor | None = None  # [b, T]
 

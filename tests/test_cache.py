@@ -21,7 +21,7 @@ def test_growth_is_amortised_not_a_copy_per_step():
             reallocations += 1
             storage = layer.keys.data_ptr()
     assert layer.physical_length == 300
-    assert reallocations <= 6  # 16, 32, 64, 128, 256, 512 entries
+    assert reallocations <= 9  # 1.5x growth: 16, 24, 36, 54, 81, 121, 181, 271, 406 entries
     assert torch.equal(layer.read()[2][0, 0], torch.arange(300))
 
 

@@ -104,19 +104,23 @@ class AttentionLayerRunner:
             q = run_hook(attn_hooks.hook_rot_q, q, context)
             k = run_hook(attn_hooks.hook_rot_k, k, context)
         cache_layer = context.cache.layers[self.layer_idx]
-        keys, values, key_positions = cache_layer.write_and_read(
-            k.transpose(1, 2), v.transpose(1, 2), context, self.hooks.cache
+        query_bhpd = q.transpose(1, 2)
+        keys, values, key_positions, irregular = cache_layer.write_and_read(
+            k.transpose(1, 2), v.transpose(1, 2), context, self.hooks.cache, query_bhpd, self.spec
         )
         z = attend(
-            q.transpose(1, 2),
+            query_bhpd,
             keys,
             values,
             key_positions,
             self.spec,
             context,
             attn_hooks,
-            cache_has_padding=cache_layer.has_padding,
+            cache_has_padding=cache_layer.has_padding or irregular,
+            heads_share_positions=not irregular,
             force_explicit=self.force_explicit,
         )
+        if cache_layer.policy is not None:
+            cache_layer.after_attention(query_bhpd, keys, key_positions, self.spec, context, self.hooks.cache)
         out = adapter.project_out(module, z)
         return run_hook(self.hooks.hook_attn_out, out, context)

@@ -1,0 +1,59 @@
+"""AdaKV (Feng et al., 2024): one layer budget split unevenly across heads by a global top-k.
+
+The base policy's scores of all KV heads of a layer are flattened and the layer's `budget * heads`
+highest entries are kept, so heads whose attention is spread out keep more and concentrated heads
+fewer. The safeguard `alpha` first guarantees every head its own top `int(alpha * budget)` entries.
+GQA: the base already reduces scores per KV head. The unequal counts are stored compactly
+(`interp_cache.ragged`), so the cache's bytes fall with the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from interp_cache.compress.base import EvictionPolicy, Observation, keep_from_mask
+from interp_cache.compress.knorm import KNorm
+from interp_cache.compress.random_eviction import Random
+from interp_cache.compress.snapkv import SnapKV
+
+_BASES = (SnapKV, KNorm, Random)  # PyramidKV is a SnapKV
+
+
+@dataclass
+class AdaKV(EvictionPolicy):
+    base: EvictionPolicy = field(default_factory=SnapKV)
+    alpha: float = 0.2
+
+    def __post_init__(self):
+        if not isinstance(self.base, _BASES):
+            raise ValueError(
+                f"AdaKV base must be a one-shot scoring policy (SnapKV, PyramidKV, KNorm, Random); "
+                f"got {type(self.base).__name__}"
+            )
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"AdaKV alpha (the per-head safeguard fraction) must be in [0, 1]; got {self.alpha!r}")
+
+    def compresses_now(self, context):
+        return self.base.compresses_now(context)
+
+    def layer_budget(self, layer_idx, num_layers, num_entries):
+        return self.base.layer_budget(layer_idx, num_layers, num_entries)
+
+    def scores(self, obs: Observation, running_bgk):
+        return self.base.scores(obs, running_bgk)
+
+    def select(self, scores_bgk: torch.Tensor, budget: int) -> torch.Tensor:
+        b, g, k = scores_bgk.shape
+        safe = int(self.alpha * budget)
+        if safe:
+            guaranteed = scores_bgk.topk(safe, dim=-1).indices
+            boosted = torch.zeros_like(scores_bgk, dtype=torch.bool).scatter_(-1, guaranteed, True)
+            boosted &= scores_bgk > -math.inf  # padding stays last
+            # finfo.max, not inf: below the base's protected entries (+inf), above every ordinary score.
+            scores_bgk = torch.where(boosted, scores_bgk.clamp(min=torch.finfo(scores_bgk.dtype).max), scores_bgk)
+        chosen = scores_bgk.reshape(b, g * k).topk(budget * g, dim=-1).indices
+        keep_bk = torch.zeros(b, g * k, dtype=torch.bool, device=scores_bgk.device).scatter_(1, chosen, True)
+        return keep_from_mask(keep_bk.view(b, g, k))

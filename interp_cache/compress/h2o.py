@@ -1,0 +1,36 @@
+"""H2O (Zhang et al., 2023): heavy hitters by accumulated attention plus the `recent` newest tokens.
+
+Each entry's score is the attention it has received, summed over every query that has read it so far
+(averaged over the query heads of its KV head); the cache keeps that running score per entry, carried
+through evictions. Evicts on every forward once a head holds more than `heavy + recent` entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from interp_cache.compress.base import EvictionPolicy, Observation, check_int, protect_recent
+
+
+@dataclass
+class H2O(EvictionPolicy):
+    heavy: int = 128
+    recent: int = 128
+
+    evicts_during_decoding = True
+    keeps_entry_scores = True
+
+    def __post_init__(self):
+        check_int(self.heavy, "H2O heavy", 0)
+        check_int(self.recent, "H2O recent", 0)
+        if self.heavy + self.recent < 1:
+            raise ValueError("H2O heavy + recent (the budget) must be >= 1; got 0")
+
+    def layer_budget(self, layer_idx, num_layers, num_entries):
+        return self.heavy + self.recent
+
+    def running_scores(self, obs: Observation):
+        return obs.layer.read_entry_scores() + obs.attention_received()
+
+    def scores(self, obs: Observation, running_bgk):
+        return protect_recent(running_bgk, obs.positions_bgk, self.recent)

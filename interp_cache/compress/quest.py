@@ -1,0 +1,147 @@
+"""Quest (Tang et al., 2024): query-aware page selection. Nothing is evicted; each decode step reads only
+the pages whose keys can score highest for its query.
+
+The cache is cut into pages of `page_size` consecutive entries. As entries are written, each page's
+elementwise minimum and maximum key (over real, non-padding entries) are kept up to date. At a decode
+step (one new token per row) in a layer at or above `dense_layers`, every page gets the upper bound
+
+    bound(page) = sum_d max(q_d * min_d, q_d * max_d)  ( = q+ . max + q- . min )
+
+of `q . k` over any key inside its box, per query head (plus the largest ALiBi bias in the page, for
+ALiBi families), reduced to the KV head by the maximum over the heads sharing it. The top
+`budget // page_size` pages per KV head are read -- the page holding the new token always -- gathered
+into a short `[b, g, pages * page_size, d]` read, so attention's cost falls with the budget. Pages past
+a sliding window or holding only padding are never chosen. Prefill and multi-token forwards read
+densely, as does any step where the budget covers every page (the identity, bit for bit).
+
+`hook_scores` shows the page bounds `[b, g, pages]`; `hook_keep` the entry indices read `[b, g, n]`
+(-1: slots past the last entry).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from interp_cache.compress.base import Budget, CompressionPolicy, check_budget, check_int, resolve_budget
+from interp_cache.hook_points import run_hook
+from interp_cache.ragged import PADDING_POSITION
+
+
+@dataclass
+class Quest(CompressionPolicy):
+    budget: Budget = 512
+    page_size: int = 16
+    dense_layers: int = 2
+
+    def __post_init__(self):
+        check_budget(self.budget, "Quest budget")
+        check_int(self.page_size, "Quest page_size", 1)
+        check_int(self.dense_layers, "Quest dense_layers", 0)
+        if isinstance(self.budget, int) and self.budget < self.page_size:
+            raise ValueError(
+                f"Quest budget ({self.budget} tokens) must be >= page_size ({self.page_size}): at least one page is read"
+            )
+
+    def check_model(self, model) -> None:
+        super().check_model(model)
+        if self.dense_layers >= model.num_layers:
+            raise ValueError(
+                f"Quest dense_layers must be < the model's {model.num_layers} layers (0..{model.num_layers - 1}) "
+                f"so some layer selects pages; got {self.dense_layers}"
+            )
+
+    # -- page bounds, kept current as entries are written --------------------------------------------
+    def after_write(self, layer, start: int) -> None:
+        if layer.layer_idx < self.dense_layers:
+            return
+        size = self.page_size
+        n = layer.physical_length
+        first_page, num_pages = start // size, math.ceil(n / size)
+        keys = layer.keys[:, :, first_page * size : n]
+        positions = layer.positions[:, :, first_page * size : n]
+        pad = (num_pages - first_page) * size - keys.shape[2]
+        keys = F.pad(keys, (0, 0, 0, pad))
+        positions = F.pad(positions, (0, pad), value=PADDING_POSITION)
+        b, g, _, d = keys.shape
+        keys = keys.view(b, g, -1, size, d)
+        positions = positions.view(b, g, -1, size)
+        real = (positions >= 0)[..., None]
+        page_min = keys.masked_fill(~real, math.inf).amin(3)
+        page_max = keys.masked_fill(~real, -math.inf).amax(3)
+        page_last = positions.amax(3)
+        state = layer.policy_state
+        if "page_min" not in state or state["page_min"].shape[2] < num_pages:
+            capacity = max(num_pages, (state["page_min"].shape[2] * 3) // 2 if state else 0)
+            grown = {
+                "page_min": keys.new_empty((b, g, capacity, d)),
+                "page_max": keys.new_empty((b, g, capacity, d)),
+                "page_last_position": positions.new_full((b, g, capacity), PADDING_POSITION),
+            }
+            for name, old in state.items():
+                grown[name][:, :, : old.shape[2]] = old
+            state.update(grown)
+        state["page_min"][:, :, first_page:num_pages] = page_min
+        state["page_max"][:, :, first_page:num_pages] = page_max
+        state["page_last_position"][:, :, first_page:num_pages] = page_last
+
+    # -- selection at a decode step ------------------------------------------------------------------
+    def page_bounds(self, layer, query_bhpd: torch.Tensor, spec, query_positions_b: torch.Tensor) -> torch.Tensor:
+        """Upper bound `[b, g, pages]` of the attention score any entry of each page can get."""
+        num_pages = math.ceil(layer.physical_length / self.page_size)
+        state = layer.policy_state
+        page_min = state["page_min"][:, :, :num_pages]
+        page_max = state["page_max"][:, :, :num_pages]
+        page_last = state["page_last_position"][:, :, :num_pages]
+        b, h, _, d = query_bhpd.shape
+        g = page_min.shape[1]
+        query_bgrd = query_bhpd[:, :, 0].reshape(b, g, h // g, d)
+        bound_bgrn = torch.matmul(query_bgrd.clamp(min=0), page_max.transpose(-1, -2)) + torch.matmul(
+            query_bgrd.clamp(max=0), page_min.transpose(-1, -2)
+        )
+        bound_bgrn = bound_bgrn.float() * spec.scaling
+        if spec.uses_alibi:  # slope * position grows with position: the page's last entry has the largest bias
+            slopes_gr = spec.alibi_slopes.to(bound_bgrn.device).view(g, h // g) * spec.alibi_scale
+            bound_bgrn = bound_bgrn + slopes_gr[None, :, :, None] * page_last.clamp(min=0)[:, :, None, :]
+        bound = bound_bgrn.amax(2)
+        unreachable = page_last < 0
+        if spec.sliding_window is not None:
+            unreachable |= page_last <= query_positions_b[:, None, None] - spec.sliding_window
+        bound = bound.masked_fill(unreachable, -math.inf)
+        bound[:, :, -1] = math.inf  # the page holding the new token
+        return bound
+
+    def select_for_read(self, layer, query_bhpd, spec, context, hooks):
+        if context.num_new != 1 or layer.layer_idx < self.dense_layers:
+            return None
+        size = self.page_size
+        n = layer.physical_length
+        num_pages = math.ceil(n / size)
+        pages_read = max(1, resolve_budget(self.budget, n) // size)
+        if pages_read >= num_pages:
+            return None
+        bound = self.page_bounds(layer, query_bhpd, spec, context.positions[:, 0])
+        bound = run_hook(hooks.hook_scores, bound, context)
+        pages = bound.topk(pages_read, dim=-1).indices.sort(dim=-1).values  # [b, g, pages_read]
+        index_bgn = (pages[..., None] * size + torch.arange(size, device=pages.device)).flatten(2)
+        index_bgn = index_bgn.masked_fill(index_bgn >= n, -1)
+        index_bgn = run_hook(hooks.hook_keep, index_bgn, context)
+        if bool(((index_bgn < -1) | (index_bgn >= n)).any()):
+            raise ValueError(f"{hooks.hook_keep.name}: indices must be in [0, {n}) (or -1 for none)")
+        return gather_entries(layer, index_bgn)
+
+
+def gather_entries(layer, index_bgn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys, values `[b, g, n, d]` and positions `[b, g, n]` of tail entries `index_bgn` (-1: a hidden slot)."""
+    b, g, capacity, d = layer.keys.shape
+    missing = index_bgn < 0
+    row_start = (torch.arange(b * g, device=index_bgn.device) * capacity).view(b, g, 1)
+    flat = (row_start + index_bgn.clamp(min=0)).reshape(-1)
+    n = index_bgn.shape[-1]
+    keys = layer.keys.reshape(b * g * capacity, d).index_select(0, flat).view(b, g, n, d)
+    values = layer.values.reshape(b * g * capacity, -1).index_select(0, flat).view(b, g, n, -1)
+    positions = layer.positions.reshape(-1).index_select(0, flat).view(b, g, n).masked_fill(missing, PADDING_POSITION)
+    return keys, values, positions

@@ -1,0 +1,59 @@
+"""SnapKV (Li et al., 2024): what the last `window` prompt tokens attend to, pooled, decides what stays.
+
+At the end of each multi-token forward (the prefill, or a prefill chunk) the attention of the
+observation window's queries over every entry is summed over those queries, averaged over the query
+heads sharing a KV head, and smoothed along the sequence with a 1-D max or average pool of width
+`kernel`, so neighbours of an important token survive with it. The window's own entries are always
+kept; the other `budget - window` per head are the top pooled scores. Decode steps do not compress.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from interp_cache.compress.base import Budget, EvictionPolicy, Observation, check_budget, check_int, resolve_budget
+
+
+@dataclass
+class SnapKV(EvictionPolicy):
+    budget: Budget = 256
+    window: int = 32
+    kernel: int = 7
+    pooling: str = "max"
+
+    def __post_init__(self):
+        name = type(self).__name__
+        check_budget(self.budget, f"{name} budget")
+        check_int(self.window, f"{name} window", 1)
+        check_int(self.kernel, f"{name} kernel", 1)
+        if self.kernel % 2 == 0:
+            raise ValueError(f"{name} kernel must be odd (the pool keeps the sequence length); got {self.kernel}")
+        if self.pooling not in ("max", "avg"):
+            raise ValueError(f"{name} pooling must be 'max' or 'avg'; got {self.pooling!r}")
+        if isinstance(self.budget, int) and self.window >= self.budget:
+            raise ValueError(
+                f"{name} window ({self.window}) must be smaller than the budget ({self.budget}): "
+                "the window is kept whole and the rest of the budget is chosen by score"
+            )
+
+    def layer_budget(self, layer_idx, num_layers, num_entries):
+        budget = resolve_budget(self.budget, num_entries)
+        if budget <= self.window and budget < num_entries:
+            raise ValueError(
+                f"{type(self).__name__} window ({self.window}) must be smaller than the budget, which resolved "
+                f"to {budget} tokens ({self.budget} of {num_entries} entries)"
+            )
+        return budget
+
+    def scores(self, obs: Observation, running_bgk):
+        window = min(self.window, obs.context.num_new)
+        votes_bgk = obs.attention_received(last_queries=window)
+        b, g, k = votes_bgk.shape
+        pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
+        pooled = pool(votes_bgk.view(b * g, 1, k), kernel_size=self.kernel, stride=1, padding=self.kernel // 2)
+        pooled = pooled.view(b, g, k)
+        pooled[:, :, k - window :] = math.inf  # the observation window itself: this forward's last tokens
+        return pooled
