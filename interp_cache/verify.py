@@ -11,7 +11,8 @@
                     describe transformers, not this wrapper: they are marked and do not fail the report
                     unless `strict_upstream=True`.
 6. `noop_hooks`     a no-op hook on every hook point vs the same (explicit) path with no hooks: bitwise
-7. `compression`    policies at a budget >= sequence length vs none (not available until compression lands)
+7. `compression`    every compression policy at a budget >= the sequence length vs no policy: bitwise equal
+                    logits at the prefill and every greedy decode step
 
 When a cached-vs-uncached row fails, both runs are recorded at every hook point and aligned by token
 slot and decode step; `first_divergence` names the first hook (layer, head, step, absolute position,
@@ -213,8 +214,47 @@ def verify(
         rows.append(_generate_row(model, input_ids, attention_mask, max_new_tokens, tolerance["cache"]))
         rows.extend(_original_rows(model, input_ids, attention_mask, full, real, tolerance["original"]))
         rows.append(_noop_hooks_row(model, input_ids, attention_mask, full, real, tolerance["cache"]))
-    rows.append(CheckRow("compression", True, None, None, None, note="not available: no compression policies yet"))
+        rows.append(_compression_row(model, input_ids, attention_mask, max_new_tokens))
     return report
+
+
+def _identity_policies(total_tokens: int) -> list:
+    """Every policy with a budget that covers the whole sequence (Quest selects from layer 0 on)."""
+    from interp_cache import compress
+
+    budget = total_tokens
+    return [
+        compress.StreamingLLM(sink=4, window=budget),
+        compress.H2O(heavy=budget, recent=4),
+        compress.SnapKV(budget=budget + 1, window=1, kernel=3),
+        compress.PyramidKV(budget=budget + 1, window=1, kernel=3),
+        compress.AdaKV(compress.SnapKV(budget=budget + 1, window=1, kernel=3)),
+        compress.Quest(budget=budget, page_size=1, dense_layers=0),
+        compress.Random(budget=budget),
+        compress.KNorm(budget=1.0),
+    ]
+
+
+def _compression_row(model, input_ids, attention_mask, max_new_tokens) -> CheckRow:
+    from interp_cache.stepper import Stepper
+
+    def greedy_logits(policy):
+        stepper = Stepper(model, compress=policy)
+        logits = [stepper.prefill(input_ids, attention_mask)]
+        for _ in range(max_new_tokens):
+            logits.append(stepper.step(logits[-1][:, -1].argmax(-1))[:, None])
+        return logits
+
+    reference = greedy_logits(None)
+    worst, differing = 0.0, []
+    for policy in _identity_policies(input_ids.shape[1] + max_new_tokens):
+        for a, b in zip(reference, greedy_logits(policy)):
+            if not torch.equal(a, b):
+                worst = max(worst, (a - b).abs().max().item())
+                differing.append(type(policy).__name__)
+                break
+    note = "8 policies at full budget bitwise equal to none" if not differing else f"differ: {', '.join(differing)}"
+    return CheckRow("compression", not differing, worst, None, 0.0, note=note)
 
 
 def _generate_row(model, input_ids, attention_mask, max_new_tokens, tolerance) -> CheckRow:

@@ -107,3 +107,317 @@ def test_decoding_after_eviction_equals_dense_reference_reading_the_same_entries
     assert worst <= 1e-5, f"{family} {type(policy).__name__}: max abs logit diff {worst:.2e}"
     if not isinstance(policy, Quest):
         assert max(compressed.cache.physical_lengths) < ids.shape[1], "the policy evicted nothing"
+
+
+# -- each policy's selection against an independent reference ----------------------------------------
+
+
+def kept_sets(cache, layer):
+    """Per (row, kv head) the set of true positions the layer stores."""
+    positions = cache.kept_positions(layer)
+    return [[set(p for p in head.tolist() if p >= 0) for head in row] for row in positions]
+
+
+def assert_is_a_top_set(kept: set, score: dict, size: int, tolerance: float = 1e-5):
+    """`kept` holds `size` of the candidates in `score` (position -> score), none scoring below a dropped one
+    (ties may go either way: equal keys, e.g. a repeated token under rotary, have equal norms)."""
+    assert len(kept) == size and kept <= set(score)
+    dropped = set(score) - kept
+    if dropped:
+        assert min(score[p] for p in kept) >= max(score[p] for p in dropped) - tolerance
+
+
+def real_lengths(mask):
+    return mask.sum(-1).tolist()
+
+
+def test_streaming_llm_keeps_sinks_and_the_newest_window_per_row_gpt2():
+    model = hooked("gpt2")
+    ids, mask = padded_batch(model, LONG_PROMPTS)
+    stepper = Stepper(model, compress=StreamingLLM(sink=3, window=5))
+    stepper.prefill(ids, mask)
+    for row, n in enumerate(real_lengths(mask)):
+        expected = {0, 1, 2} | set(range(n - 5, n))
+        for layer in range(model.num_layers):
+            assert all(head == expected for head in kept_sets(stepper.cache, layer)[row])
+
+
+def _pattern_and_kept(model, policy, ids, mask):
+    stepper = Stepper(model, compress=policy)
+    names = lambda n: n.endswith("hook_pattern")  # noqa: E731
+    with model.record(names) as rec:
+        stepper.prefill(ids, mask)
+    return stepper, rec
+
+
+def test_h2o_keeps_recent_plus_heaviest_accumulated_attention_llama_gqa():
+    """Reference: column sums of the recorded prefill pattern over real queries, averaged per KV head."""
+    model = hooked("llama")
+    ids, mask = padded_batch(model, LONG_PROMPTS)
+    heavy, recent = 5, 4
+    stepper, rec = _pattern_and_kept(model, H2O(heavy=heavy, recent=recent), ids, mask)
+    spec = model.runners[0].spec
+    group = spec.num_heads // spec.num_kv_heads
+    for layer in range(model.num_layers):
+        pattern = rec[f"blocks.{layer}.attn.hook_pattern"][0].activation  # [b, h, p, k]
+        received = (pattern * mask[:, None, :, None]).sum(2)  # [b, h, k]
+        for row, n in enumerate(real_lengths(mask)):
+            pad = ids.shape[1] - n
+            for g in range(spec.num_kv_heads):
+                score = received[row, g * group : (g + 1) * group].mean(0)[pad:]  # by true position
+                recent_set = set(range(n - recent, n))
+                kept = kept_sets(stepper.cache, layer)[row][g]
+                assert recent_set <= kept
+                older = {p: score[p].item() for p in range(n) if p not in recent_set}
+                assert_is_a_top_set(kept - recent_set, older, heavy)
+
+
+def _snapkv_reference(pattern_bhpk, mask, num_kv_heads, budget, window, kernel, pooling):
+    """SnapKV by hand: window rows summed, group mean, pooled with an explicit loop; per (row, head) the
+    pooled score of every candidate outside the window, by true position."""
+    b, h, p, k = pattern_bhpk.shape
+    group = h // num_kv_heads
+    votes = pattern_bhpk[:, :, p - window :].sum(2).view(b, num_kv_heads, group, k).mean(2)
+    kept = []
+    for row in range(b):
+        pad = int((mask[row] == 0).sum())
+        row_sets = []
+        for g in range(num_kv_heads):
+            pooled = []
+            for i in range(k):
+                neighbours = [votes[row, g, j].item() for j in range(i - kernel // 2, i + kernel // 2 + 1) if 0 <= j < k]
+                if pooling == "max":
+                    pooled.append(max(neighbours))
+                else:
+                    pooled.append(sum(neighbours) / kernel)
+            row_sets.append({i - pad: pooled[i] for i in range(pad, k - window)})
+        kept.append(row_sets)
+    return kept
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_snapkv_selection_matches_hand_computed_pooled_window_votes(family, pooling):
+    model = hooked(family)
+    ids, mask = padded_batch(model, LONG_PROMPTS)
+    policy = SnapKV(budget=12, window=4, kernel=5, pooling=pooling)
+    stepper, rec = _pattern_and_kept(model, policy, ids, mask)
+    for layer in range(model.num_layers):
+        pattern = rec[f"blocks.{layer}.attn.hook_pattern"][0].activation
+        candidates = _snapkv_reference(pattern, mask, model.runners[layer].spec.num_kv_heads, 12, 4, 5, pooling)
+        for row, n in enumerate(real_lengths(mask)):
+            window = set(range(n - 4, n))
+            for g, kept in enumerate(kept_sets(stepper.cache, layer)[row]):
+                assert window <= kept
+                assert_is_a_top_set(kept - window, candidates[row][g], 12 - 4)
+
+
+def test_pyramidkv_layer_budgets_fall_linearly_as_computed_by_hand():
+    policy = PyramidKV(budget=128, window=32, beta=20)
+    # chosen = 96, lowest = 96 // 20 = 4, highest = 2 * 96 - 4 = 188, step = (188 - 4) // 31 = 5
+    budgets = [policy.layer_budget(layer, 32, 1000) for layer in range(32)]
+    assert budgets[0] == 188 + 32 and budgets[31] == 188 - 31 * 5 + 32
+    assert all(a - b == 5 for a, b in zip(budgets, budgets[1:]))
+    # Short prompt: the top is capped at k - window and the bottom raised to keep the average.
+    assert PyramidKV(budget=40, window=8, beta=4).layer_budget(0, 2, 50) == 42 + 8  # highest = 50 - 8
+    assert PyramidKV(budget=40, window=8, beta=4).layer_budget(1, 2, 50) == 22 + 8  # lowest = 64 - 42
+    assert PyramidKV(budget=4096).layer_budget(0, 4, 100) == 100
+
+
+def test_adakv_splits_a_layer_budget_across_heads_by_global_top_k():
+    scores = torch.tensor([[[9.0, 8.0, 7.0, 6.0, 5.0, 4.0], [1.0, 0.5, 0.2, 0.1, 0.0, -1.0]]])
+    # alpha 0: the 2 * 3 best scores of the layer are all head 0's.
+    keep = AdaKV(alpha=0.0).select(scores, 3)
+    assert keep[0, 0].tolist() == [0, 1, 2, 3, 4, 5] and keep[0, 1].tolist() == [-1] * 6
+    # alpha 2/3: each head is guaranteed int(2/3 * 3) = 2 of its own best, the other 2 go to the best left.
+    keep = AdaKV(alpha=2 / 3).select(scores, 3)
+    assert keep[0, 0].tolist() == [0, 1, 2, 3] and keep[0, 1].tolist() == [0, 1, -1, -1]
+    # alpha 1: uniform, every head its own top 3.
+    keep = AdaKV(alpha=1.0).select(scores, 3)
+    assert keep[0, 0].tolist() == [0, 1, 2] and keep[0, 1].tolist() == [0, 1, 2]
+
+
+def test_adakv_heads_keep_unequal_counts_stored_compactly_llama():
+    model = hooked("llama")
+    ids, mask = padded_batch(model, LONG_PROMPTS[:1])
+    stepper = Stepper(model, compress=AdaKV(SnapKV(budget=12, window=2, kernel=3), alpha=0.0))
+    stepper.prefill(ids, mask)
+    counts = stepper.cache.kept_counts()  # [layers, b, g]
+    g = model.runners[0].spec.num_kv_heads
+    assert torch.equal(counts.sum(-1), torch.full((model.num_layers, 1), 12 * g))
+    assert (counts.amax(-1) > counts.amin(-1)).any(), "all heads kept the same count"
+    assert all(layer.prefix is not None for layer in stepper.cache.layers)
+
+
+def test_quest_reads_the_pages_with_the_highest_hand_computed_bound():
+    torch.manual_seed(0)
+    page_size, num_pages, d = 4, 6, 8
+    policy = Quest(budget=12, page_size=page_size, dense_layers=0)
+    layer = HookedCacheLayer(0, 1, policy)
+    keys = torch.randn(1, 1, page_size * num_pages - 1, d)  # the last page is partial
+    n = keys.shape[2]
+    positions = torch.arange(n).view(1, 1, n)
+    layer.append(keys, keys, positions)
+    policy.after_write(layer, 0)
+    query = torch.randn(1, 1, 1, d)
+    bounds = []
+    for page in range(num_pages):
+        block = keys[0, 0, page * page_size : (page + 1) * page_size]
+        lo, hi = block.min(0).values, block.max(0).values
+        bounds.append(sum(max(query[0, 0, 0, i] * lo[i], query[0, 0, 0, i] * hi[i]).item() for i in range(d)))
+    best_other = sorted(range(num_pages - 1), key=lambda p: -bounds[p])[:2]
+    expected_pages = sorted(best_other + [num_pages - 1])  # 12 // 4 = 3 pages, the newest always
+    context = ForwardContext(None, 1, torch.tensor([[n - 1]]), torch.zeros(1, 1, dtype=torch.bool), False, True, [])
+    spec = type("Spec", (), {"scaling": 1.0, "uses_alibi": False, "sliding_window": None})()
+    hooks = CacheHooks(0)
+    keys_read, _, positions_read = policy.select_for_read(layer, query, spec, context, hooks)
+    expected = [p * page_size + i for p in expected_pages for i in range(page_size)]
+    assert positions_read[0, 0].tolist() == [p if p < n else -1 for p in expected]
+    assert torch.equal(keys_read[0, 0, :8], keys[0, 0, [expected[i] for i in range(8)]])
+
+
+def test_quest_decode_step_reads_budget_pages_only_bloom():
+    model = hooked("bloom")
+    ids, mask = padded_batch(model, LONG_PROMPTS[:1])
+    stepper = Stepper(model, compress=Quest(budget=16, page_size=4, dense_layers=1))
+    logits = stepper.prefill(ids, mask)[:, -1]
+    with model.record(lambda n: n.endswith("hook_k_read")) as rec:
+        stepper.step(logits.argmax(-1))
+    assert rec["blocks.0.cache.hook_k_read"][0].activation.shape[2] == ids.shape[1] + 1  # dense layer
+    assert rec["blocks.1.cache.hook_k_read"][0].activation.shape[2] == 16
+    assert stepper.cache.physical_lengths == [ids.shape[1] + 1] * 2  # nothing evicted
+
+
+def test_knorm_keeps_the_smallest_key_norms_gpt_neox():
+    model = hooked("gpt_neox")
+    ids, mask = padded_batch(model, LONG_PROMPTS[:1])
+    stepper = Stepper(model, compress=KNorm(budget=10))
+    with model.record(lambda n: n.endswith("hook_k_write")) as rec:
+        stepper.prefill(ids, mask)
+    for layer in range(model.num_layers):
+        norms = rec[f"blocks.{layer}.cache.hook_k_write"][0].activation.norm(dim=-1)  # [b, g, p]
+        for g in range(norms.shape[1]):
+            negative_norm = {p: -norms[0, g, p].item() for p in range(norms.shape[2])}
+            assert_is_a_top_set(kept_sets(stepper.cache, layer)[0][g], negative_norm, 10)
+
+
+def test_random_is_reproducible_by_seed_and_keeps_the_budget_opt():
+    model = hooked("opt")
+    ids, mask = padded_batch(model, LONG_PROMPTS[:1])
+    kept = []
+    for seed in (1, 1, 2):
+        stepper = Stepper(model, compress=Random(budget=10, seed=seed))
+        stepper.prefill(ids, mask)
+        kept.append(kept_sets(stepper.cache, 0))
+        assert stepper.cache.physical_lengths == [10] * model.num_layers
+    assert kept[0] == kept[1] and kept[0] != kept[2]
+
+
+# -- hooks, memory, batches, bad input -----------------------------------------------------------------
+
+
+def test_hook_keep_overwrites_the_keep_set_and_hook_scores_sees_the_scores_mistral():
+    model = hooked("mistral")
+    ids, mask = padded_batch(model, LONG_PROMPTS[:1])
+    stepper = Stepper(model, compress=SnapKV(budget=8, window=2, kernel=3))
+    seen = {}
+
+    def first_eight(keep_bgn, hook):
+        return torch.arange(8).expand_as(keep_bgn).clone()
+
+    def look(scores_bgk, hook):
+        seen[hook.name] = scores_bgk.clone()
+
+    hooks = [("blocks.0.cache.hook_keep", first_eight), ("blocks.1.cache.hook_scores", look)]
+    with model.hooks(fwd_hooks=hooks):
+        stepper.prefill(ids, mask)
+    assert all(head == set(range(8)) for head in kept_sets(stepper.cache, 0)[0])
+    scores = seen["blocks.1.cache.hook_scores"]
+    assert scores.shape == (1, model.runners[1].spec.num_kv_heads, ids.shape[1])
+    assert torch.isinf(scores[..., -2:]).all()  # the observation window is protected
+
+
+def test_adakv_cache_bytes_fall_with_the_budget_llama():
+    """Memory target: AdaKV at budget B on an L-token prompt holds <= (B / L) * full + 5% tensor bytes."""
+    model = hooked("llama")
+    ids = torch.randint(0, 250, (1, 200))
+    full = Stepper(model)
+    full.prefill(ids)
+    budget = 25
+    compressed = Stepper(model, compress=AdaKV(SnapKV(budget=budget, window=4, kernel=5), alpha=0.2))
+    compressed.prefill(ids)
+    ratio = compressed.cache.nbytes / full.cache.nbytes
+    assert ratio <= budget / ids.shape[1] * 1.05, ratio
+    counts = compressed.cache.kept_counts()
+    assert (counts.amax(-1) > counts.amin(-1)).any()
+
+
+def test_compression_with_beam_search_and_sampling_runs_and_keeps_budgets_qwen2():
+    model = hooked("qwen2")
+    ids, mask = padded_batch(model, LONG_PROMPTS)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=3, compress=H2O(heavy=4, recent=4))
+    assert out.shape == (2, ids.shape[1] + 4)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, num_return_sequences=2,
+                         compress=AdaKV(SnapKV(budget=10, window=2, kernel=3)))
+    assert out.shape == (4, ids.shape[1] + 4)
+
+
+def test_rewind_after_eviction_is_refused_and_fork_is_independent_phi():
+    model = hooked("phi")
+    ids, mask = padded_batch(model, LONG_PROMPTS[:1])
+    stepper = Stepper(model, compress=StreamingLLM(sink=2, window=6))
+    logits = stepper.prefill(ids, mask)[:, -1]
+    branch = stepper.fork()
+    a = stepper.step(logits.argmax(-1))
+    b = branch.step(logits.argmax(-1))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="evicted"):
+        stepper.rewind(1)
+
+
+BAD_POLICIES = [
+    (lambda: SnapKV(budget=0), "budget must be >= 1"),
+    (lambda: SnapKV(budget=-0.5), r"ratio must be in \(0, 1\]"),
+    (lambda: SnapKV(budget=1.5), r"ratio must be in \(0, 1\]"),
+    (lambda: SnapKV(budget=16, window=16), "window .16. must be smaller than the budget"),
+    (lambda: PyramidKV(budget=16, window=32), "window"),
+    (lambda: SnapKV(budget=64, kernel=4), "kernel must be odd"),
+    (lambda: SnapKV(budget=64, pooling="mean"), "pooling must be"),
+    (lambda: Quest(budget=64, page_size=0), "page_size must be an integer >= 1"),
+    (lambda: Quest(budget=8, page_size=16), "must be >= page_size"),
+    (lambda: AdaKV(alpha=1.5), r"alpha .* must be in \[0, 1\]"),
+    (lambda: AdaKV(alpha=-0.1), r"alpha .* must be in \[0, 1\]"),
+    (lambda: AdaKV(base=H2O()), "AdaKV base must be"),
+    (lambda: H2O(heavy=0, recent=0), "budget"),
+    (lambda: StreamingLLM(sink=-1), "sink must be an integer >= 0"),
+    (lambda: StreamingLLM(window=0), "window must be an integer >= 1"),
+    (lambda: PyramidKV(budget=64, beta=0), "beta must be an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("make, message", BAD_POLICIES)
+def test_bad_parameters_raise_value_error_naming_the_parameter(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_policy_the_model_cannot_serve_raises_falcon():
+    model = hooked("falcon")
+    ids, _ = padded_batch(model, LONG_PROMPTS[:1])
+    with pytest.raises(ValueError, match="dense_layers must be < the model's 2 layers"):
+        model.generate(ids, max_new_tokens=2, compress=Quest(budget=16, page_size=4))  # dense_layers=2
+    with pytest.raises(ValueError, match="compress must be a policy"):
+        model.new_cache(compress="snapkv")
+    with pytest.raises(ValueError, match="either compress= or past_key_values="):
+        model.generate(ids, max_new_tokens=2, compress=KNorm(8), past_key_values=model.new_cache())
+
+
+def test_ratio_budget_resolves_against_the_stored_entries_gemma2():
+    model = hooked("gemma2")
+    ids = torch.randint(0, 250, (1, 40))
+    stepper = Stepper(model, compress=KNorm(budget=0.25))
+    stepper.prefill(ids)
+    assert stepper.cache.physical_lengths == [10, 10]
+    assert stepper.cache.layer_budgets == [10, 10]
+    assert math.isclose(stepper.cache.kept_counts().float().mean().item(), 10)
+    assert F is not None

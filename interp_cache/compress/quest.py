@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from interp_cache.compress.base import Budget, CompressionPolicy, check_budget, check_int, resolve_budget
 from interp_cache.hook_points import run_hook
@@ -61,52 +60,56 @@ class Quest(CompressionPolicy):
         size = self.page_size
         n = layer.physical_length
         first_page, num_pages = start // size, math.ceil(n / size)
-        keys = layer.keys[:, :, first_page * size : n]
-        positions = layer.positions[:, :, first_page * size : n]
-        pad = (num_pages - first_page) * size - keys.shape[2]
-        keys = F.pad(keys, (0, 0, 0, pad))
-        positions = F.pad(positions, (0, pad), value=PADDING_POSITION)
-        b, g, _, d = keys.shape
-        keys = keys.view(b, g, -1, size, d)
-        positions = positions.view(b, g, -1, size)
-        real = (positions >= 0)[..., None]
-        page_min = keys.masked_fill(~real, math.inf).amin(3)
-        page_max = keys.masked_fill(~real, -math.inf).amax(3)
-        page_last = positions.amax(3)
         state = layer.policy_state
-        if "page_min" not in state or state["page_min"].shape[2] < num_pages:
-            capacity = max(num_pages, (state["page_min"].shape[2] * 3) // 2 if state else 0)
+        b, g, _, d = layer.keys.shape
+        if "page_min_bgdn" not in state or state["page_min_bgdn"].shape[-1] < num_pages:
+            old_capacity = state["page_min_bgdn"].shape[-1] if state else 0
+            capacity = max(num_pages, old_capacity + old_capacity // 2)
             grown = {
-                "page_min": keys.new_empty((b, g, capacity, d)),
-                "page_max": keys.new_empty((b, g, capacity, d)),
-                "page_last_position": positions.new_full((b, g, capacity), PADDING_POSITION),
+                "page_min_bgdn": layer.keys.new_empty((b, g, d, capacity)),
+                "page_max_bgdn": layer.keys.new_empty((b, g, d, capacity)),
+                "page_last_position": layer.positions.new_full((b, g, capacity), PADDING_POSITION),
             }
             for name, old in state.items():
-                grown[name][:, :, : old.shape[2]] = old
+                grown[name][..., : old.shape[-1]] = old
             state.update(grown)
-        state["page_min"][:, :, first_page:num_pages] = page_min
-        state["page_max"][:, :, first_page:num_pages] = page_max
-        state["page_last_position"][:, :, first_page:num_pages] = page_last
+        # Whole pages as one [b, g, pages, size, d] view; a partial last page on its own (no padding copy).
+        whole_end = min(n, num_pages * size) // size * size
+        for lo, hi in ((first_page * size, whole_end), (max(first_page * size, whole_end), n)):
+            if hi <= lo:
+                continue
+            pages = math.ceil((hi - lo) / size)
+            per_page = (hi - lo) // pages
+            keys = layer.keys[:, :, lo:hi].reshape(b, g, pages, per_page, d)
+            positions = layer.positions[:, :, lo:hi].reshape(b, g, pages, per_page)
+            if layer.has_padding:  # bounds over real entries only
+                real = (positions >= 0)[..., None]
+                page_min = keys.masked_fill(~real, math.inf).amin(3)
+                page_max = keys.masked_fill(~real, -math.inf).amax(3)
+            else:
+                page_min, page_max = keys.amin(3), keys.amax(3)
+            page = slice(lo // size, lo // size + pages)
+            state["page_min_bgdn"][..., page] = page_min.transpose(-1, -2)
+            state["page_max_bgdn"][..., page] = page_max.transpose(-1, -2)
+            state["page_last_position"][..., page] = positions.amax(3)
 
     # -- selection at a decode step ------------------------------------------------------------------
     def page_bounds(self, layer, query_bhpd: torch.Tensor, spec, query_positions_b: torch.Tensor) -> torch.Tensor:
         """Upper bound `[b, g, pages]` of the attention score any entry of each page can get."""
         num_pages = math.ceil(layer.physical_length / self.page_size)
         state = layer.policy_state
-        page_min = state["page_min"][:, :, :num_pages]
-        page_max = state["page_max"][:, :, :num_pages]
-        page_last = state["page_last_position"][:, :, :num_pages]
+        page_min = state["page_min_bgdn"][..., :num_pages]
+        page_max = state["page_max_bgdn"][..., :num_pages]
+        page_last = state["page_last_position"][..., :num_pages]
         b, h, _, d = query_bhpd.shape
         g = page_min.shape[1]
         query_bgrd = query_bhpd[:, :, 0].reshape(b, g, h // g, d)
-        bound_bgrn = torch.matmul(query_bgrd.clamp(min=0), page_max.transpose(-1, -2)) + torch.matmul(
-            query_bgrd.clamp(max=0), page_min.transpose(-1, -2)
-        )
-        bound_bgrn = bound_bgrn.float() * spec.scaling
+        bound_bgrn = torch.matmul(query_bgrd.clamp(min=0), page_max) + torch.matmul(query_bgrd.clamp(max=0), page_min)
         if spec.uses_alibi:  # slope * position grows with position: the page's last entry has the largest bias
             slopes_gr = spec.alibi_slopes.to(bound_bgrn.device).view(g, h // g) * spec.alibi_scale
-            bound_bgrn = bound_bgrn + slopes_gr[None, :, :, None] * page_last.clamp(min=0)[:, :, None, :]
-        bound = bound_bgrn.amax(2)
+            bias = slopes_gr[None, :, :, None] * page_last.clamp(min=0)[:, :, None, :]
+            bound_bgrn = bound_bgrn.float() * spec.scaling + bias
+        bound = bound_bgrn.amax(2).float()
         unreachable = page_last < 0
         if spec.sliding_window is not None:
             unreachable |= page_last <= query_positions_b[:, None, None] - spec.sliding_window
