@@ -17,7 +17,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from interp_cache.context import ForwardContext
 from interp_cache.hook_points import CacheHooks, run_hook
-from interp_cache.ragged import PADDING_POSITION, RaggedEntries
+from interp_cache.ragged import PADDING_POSITION, RaggedEntries, keep_from_mask
 _MIN_CAPACITY = 16
 
 
@@ -173,6 +173,8 @@ class HookedCacheLayer(CacheLayerMixin):
             self.prefix = RaggedEntries.from_padded(keys, values, positions, scores, kept & (positions >= 0))
             empty = {name: getattr(self, name)[:, :, :0] for name, _ in self._tail_tensors()}
             self._replace_tail(empty, 0)
+        if self.policy is not None:
+            self.policy.after_write(self, 0)  # page bounds follow the entries that moved
 
     def _replace_tail(self, tensors: dict[str, torch.Tensor], n: int) -> None:
         # Policies that evict on every decode step (H2O, StreamingLLM) reuse their storage: no reallocation
@@ -185,6 +187,23 @@ class HookedCacheLayer(CacheLayerMixin):
                 setattr(self, name, value.clone(memory_format=torch.contiguous_format))
         self.physical_length = n
         self.positions[:, :, n:] = PADDING_POSITION
+
+    def overwrite(self, keys_bgkd: torch.Tensor, values_bgkd: torch.Tensor, positions_bgk: torch.Tensor) -> None:
+        """Replace the stored entries with an edited copy of `read()` (same shapes): cache patching."""
+        m = 0 if self.prefix is None else self.prefix.max_count
+        if self.prefix is not None:
+            present = self.prefix.padded()[2] >= 0
+            scores = self.read_entry_scores()
+            self.prefix = RaggedEntries.from_padded(
+                keys_bgkd[:, :, :m], values_bgkd[:, :, :m], positions_bgk[:, :, :m],
+                None if scores is None else scores[:, :, :m], present,
+            )
+        n = self.physical_length
+        self.keys[:, :, :n] = keys_bgkd[:, :, m:]
+        self.values[:, :, :n] = values_bgkd[:, :, m:]
+        self.positions[:, :, :n] = positions_bgk[:, :, m:]
+        if self.policy is not None:
+            self.policy.after_write(self, 0)  # page bounds and the like follow the new keys
 
     def apply_pending(self) -> None:
         """Carry out the keep-set the policy chose during the forward that just completed."""
@@ -416,6 +435,85 @@ class HookedCache(Cache):
     def kept_positions(self, layer_idx: int) -> torch.Tensor:
         """True positions `[b, g, kept]` of the entries layer `layer_idx` stores (-1: padding)."""
         return self.layers[layer_idx].read()[2]
+
+    # -- cache patching between steps ----------------------------------------------------------------
+    def _entry_selection(self, layer_idx: int, positions, heads, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[b, g, k]` mask of the stored entries at absolute `positions` (all real ones if None) of the chosen
+        KV heads and batch rows, and the positions read."""
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(f"layer must be in [0, {len(self.layers)}); got {layer_idx}")
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            raise ValueError(f"layer {layer_idx} holds no entries yet: run a forward on this cache first")
+        stored = layer.read()[2]
+        b, g, _ = stored.shape
+        chosen = stored >= 0
+        if positions is not None:
+            wanted = torch.as_tensor(list(positions) if not isinstance(positions, torch.Tensor) else positions,
+                                     dtype=torch.long, device=stored.device).reshape(-1)
+            chosen &= (stored[..., None] == wanted).any(-1)
+        for name, index, size, axis in (("heads", heads, g, 1), ("rows", rows, b, 0)):
+            if index is None:
+                continue
+            index = [index] if isinstance(index, int) else list(index)
+            if any(not 0 <= i < size for i in index):
+                raise ValueError(f"{name} must be in [0, {size}); got {index}")
+            keep = torch.zeros(size, dtype=torch.bool, device=stored.device)
+            keep[index] = True
+            chosen &= keep.view([-1 if a == axis else 1 for a in range(3)])
+        return chosen, stored
+
+    def read_entries(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Copies of layer `layer_idx`'s keys, values `[b, g, k, d]` and true positions `[b, g, k]` (-1: none)."""
+        return tuple(t.clone() for t in self.layers[layer_idx].read())
+
+    def replace_entries(
+        self,
+        layer_idx: int,
+        positions=None,
+        keys: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+        new_positions: int | torch.Tensor | None = None,
+        heads=None,
+        rows=None,
+    ) -> int:
+        """Overwrite the key/value (and/or the stored position) of the entries at absolute `positions`.
+
+        `keys` / `values` are either full `[b, g, k, d]` tensors aligned with `read_entries` (their selected
+        entries are copied in) or a `[d]` vector written into every selected entry. Keys are stored after
+        rotary: a replacement key must be rotated for the position it represents. Returns the entries changed.
+        """
+        chosen, stored = self._entry_selection(layer_idx, positions, heads, rows)
+        if not bool(chosen.any()):
+            raise ValueError(f"no stored entry of layer {layer_idx} matches positions={positions!r}")
+        layer = self.layers[layer_idx]
+        current_keys, current_values, current_positions = (t.clone() for t in layer.read())
+        for name, current, new in (("keys", current_keys, keys), ("values", current_values, values)):
+            if new is None:
+                continue
+            new = new.to(current.dtype)
+            if new.shape == current.shape:
+                current[chosen] = new[chosen]
+            elif new.shape == current.shape[-1:]:
+                current[chosen] = new
+            else:
+                raise ValueError(
+                    f"{name} must have shape {tuple(current.shape)} (aligned with read_entries) or "
+                    f"{tuple(current.shape[-1:])}; got {tuple(new.shape)}"
+                )
+        if new_positions is not None:
+            new_positions = torch.as_tensor(new_positions, dtype=torch.long, device=stored.device)
+            current_positions = torch.where(chosen, new_positions.expand_as(stored), current_positions)
+        layer.overwrite(current_keys, current_values, current_positions)
+        if new_positions is not None:
+            layer.evicted = True  # positions now differ from head to head: per-head masks from here on
+        return int(chosen.sum())
+
+    def delete_entries(self, layer_idx: int, positions, heads=None, rows=None) -> int:
+        """Remove the entries at absolute `positions` (of the chosen KV heads and rows); returns how many."""
+        chosen, _ = self._entry_selection(layer_idx, positions, heads, rows)
+        self.layers[layer_idx].retain(keep_from_mask(~chosen))
+        return int(chosen.sum())
 
     def fork(self) -> "HookedCache":
         """An independent copy: continuations from the fork never touch this cache."""

@@ -2,8 +2,8 @@
 
 Greedy, sampling (temperature / top-k / top-p), repetition penalty, eos and stop strings,
 `num_return_sequences` and beam search (the cache reordered through `HookedCache.reorder_cache`) are
-transformers' code; `compress=policy` decodes over a cache compressed by that policy; this module checks the arguments it is handed, supplies the cache and tokenizer,
-and nothing else.
+transformers' code; `compress=policy` decodes over a cache compressed by that policy. This module checks
+the arguments it is handed, supplies the cache and tokenizer, and nothing else.
 """
 
 from __future__ import annotations

@@ -87,3 +87,13 @@ class RaggedEntries:
         if self.scores_n is not None:
             tensors.append(self.scores_n)
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def keep_from_mask(keep_bgk: torch.Tensor) -> torch.Tensor:
+    """Indices `[b, g, n]` of the True entries per head, ascending, -1 where a head keeps fewer than n."""
+    k = keep_bgk.shape[-1]
+    index = torch.arange(k, device=keep_bgk.device).expand_as(keep_bgk)
+    ordered = torch.where(keep_bgk, index, k).sort(dim=-1).values
+    n = int(keep_bgk.sum(-1).max()) if keep_bgk.numel() else 0
+    ordered = ordered[..., :n]
+    return ordered.masked_fill(ordered == k, -1)

@@ -185,7 +185,8 @@ def _snapkv_reference(pattern_bhpk, mask, num_kv_heads, budget, window, kernel, 
         for g in range(num_kv_heads):
             pooled = []
             for i in range(k):
-                neighbours = [votes[row, g, j].item() for j in range(i - kernel // 2, i + kernel // 2 + 1) if 0 <= j < k]
+                span = range(max(0, i - kernel // 2), min(k, i + kernel // 2 + 1))
+                neighbours = [votes[row, g, j].item() for j in span]
                 if pooling == "max":
                     pooled.append(max(neighbours))
                 else:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from interp_cache.compress.base import EvictionPolicy, Observation, keep_from_mask
+from interp_cache.compress.base import EvictionPolicy, Observation
+from interp_cache.ragged import keep_from_mask
 from interp_cache.compress.knorm import KNorm
 from interp_cache.compress.random_eviction import Random
 from interp_cache.compress.snapkv import SnapKV

@@ -56,16 +56,6 @@ def resolve_budget(budget: Budget, num_entries: int) -> int:
     return budget
 
 
-def keep_from_mask(keep_bgk: torch.Tensor) -> torch.Tensor:
-    """Indices `[b, g, n]` of the True entries per head, ascending, -1 where a head keeps fewer than n."""
-    k = keep_bgk.shape[-1]
-    index = torch.arange(k, device=keep_bgk.device).expand_as(keep_bgk)
-    ordered = torch.where(keep_bgk, index, k).sort(dim=-1).values
-    n = int(keep_bgk.sum(-1).max()) if keep_bgk.numel() else 0
-    ordered = ordered[..., :n]
-    return ordered.masked_fill(ordered == k, -1)
-
-
 def top_per_head(scores_bgk: torch.Tensor, budget: int) -> torch.Tensor:
     """Indices `[b, g, budget]` of each head's highest scores, ascending (stored order)."""
     return scores_bgk.topk(budget, dim=-1).indices.sort(dim=-1).values

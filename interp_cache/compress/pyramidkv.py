@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from interp_cache.compress.base import check_int, resolve_budget
+from interp_cache.compress.base import check_int
 from interp_cache.compress.snapkv import SnapKV
 
 
