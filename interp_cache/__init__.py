@@ -5,6 +5,10 @@ from interp_cache.cache import HookedCache, HookedCacheLayer
 from interp_cache.hook_points import HookShapeError
 from interp_cache.hooked_model import HookedModel
 from interp_cache.loading import load
+from interp_cache.patching import MissingSourceError, add, at, from_source, replace_with, scale, zero
+from interp_cache.recording import Recording, RecordingFileError
+from interp_cache.stepper import Stepper
+from interp_cache.sweep import SweepResult, logit_diff, sweep
 from interp_cache.zoo import ZOO
 
 __all__ = [
@@ -12,8 +16,21 @@ __all__ = [
     "HookedCacheLayer",
     "HookedModel",
     "HookShapeError",
+    "MissingSourceError",
+    "Recording",
+    "RecordingFileError",
+    "Stepper",
+    "SweepResult",
     "SUPPORTED_FAMILIES",
     "UnsupportedArchitectureError",
     "ZOO",
+    "add",
+    "at",
+    "from_source",
     "load",
+    "logit_diff",
+    "replace_with",
+    "scale",
+    "sweep",
+    "zero",
 ]

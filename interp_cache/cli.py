@@ -1,4 +1,5 @@
-"""The `interp-cache` command: `zoo` lists the built-in models, `verify` checks cached decoding."""
+"""The `interp-cache` command: `zoo` lists the built-in models, `verify` checks cached decoding, `heatmap`
+draws the stitched attention map of one head over prefill and decode (with a compression policy's marks)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,26 @@ def _verify(args) -> int:
     return 0 if not failed and not errors else 1
 
 
+def _heatmap(args) -> int:
+    import interp_cache as ic
+    from interp_cache.compress.spec import parse_policy
+    from interp_cache.pictures import heatmap
+
+    try:
+        policy = None if args.compress is None else parse_policy(args.compress)
+        model = ic.load(args.model)
+        result = heatmap(model, args.prompt, args.max_new_tokens, args.layer, args.head, args.out, compress=policy)
+    except ValueError as error:
+        print(f"interp-cache heatmap: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {result.path}: {result.tokens} positions, {result.unread_cells} causally allowed cells not read")
+    if result.kept_counts is not None:
+        print("entries kept per layer (rows) and KV head (columns):")
+        for layer, counts in enumerate(result.kept_counts.tolist()):
+            print(f"  layer {layer}: {counts}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="interp-cache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +83,16 @@ def main(argv=None) -> int:
     v.add_argument("--strict-upstream", action="store_true",
                    help="let rows about the original transformers model fail the run")
     v.set_defaults(run=_verify)
+    h = sub.add_parser("heatmap", help="attention map of one head over prefill + decode, as a PNG")
+    h.add_argument("--model", required=True, help="zoo:<family>, a local path or a hub name")
+    h.add_argument("--prompt", required=True)
+    h.add_argument("--max-new-tokens", type=int, default=16)
+    h.add_argument("--compress", metavar="SPEC", help="e.g. 'quest:budget=32,page_size=8,dense_layers=1', "
+                   "'adakv:budget=24,alpha=0.2', 'h2o:heavy=8,recent=8'")
+    h.add_argument("--layer", type=int, default=0)
+    h.add_argument("--head", type=int, default=0)
+    h.add_argument("--out", required=True, metavar="PNG")
+    h.set_defaults(run=_heatmap)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -1,0 +1,47 @@
+"""`interp-cache heatmap`: the stitched attention map over prefill + decode, evicted cells marked, budget map."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import hooked
+from interp_cache.cli import main
+from interp_cache.compress import H2O, Quest
+from interp_cache.pictures import heatmap, unread_mask
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_heatmap_cli_writes_a_png_with_evicted_cells_marked(tmp_path, capsys):
+    out = tmp_path / "h2o.png"
+    code = main(["heatmap", "--model", "zoo:gpt2", "--prompt", "Hello there, how are you today", "--max-new-tokens",
+                 "6", "--compress", "h2o:heavy=4,recent=4", "--layer", "1", "--head", "2", "--out", str(out)])
+    assert code == 0
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+    printed = capsys.readouterr().out
+    assert "positions" in printed and "layer 1: [8," in printed  # H2O keeps heavy + recent = 8 per head
+
+
+def test_heatmap_marks_nothing_without_compression_and_unread_cells_with_quest_bloom(tmp_path):
+    model = hooked("bloom")
+    dense = heatmap(model, "The quick brown fox jumps over", 8, 1, 0, str(tmp_path / "dense.png"))
+    assert dense.unread_cells == 0 and dense.kept_counts is None
+    assert dense.tokens == len("The quick brown fox jumps over") + 7  # the last new token is never fed
+    quest = heatmap(model, "The quick brown fox jumps over", 8, 1, 0, str(tmp_path / "quest.png"),
+                    compress=Quest(budget=8, page_size=4, dense_layers=1))
+    assert quest.unread_cells > 0
+    h2o = heatmap(model, "The quick brown fox jumps over", 8, 1, 0, str(tmp_path / "h2o.png"),
+                  compress=H2O(heavy=4, recent=4))
+    assert h2o.kept_counts.tolist() == [[8] * h2o.kept_counts.shape[1]] * model.num_layers
+
+
+def test_unread_mask_is_the_causally_allowed_nan_cells():
+    pattern = torch.tensor([[1.0, float("nan"), float("nan")], [float("nan"), 1.0, float("nan")], [0.5, 0.0, 0.5]])
+    assert unread_mask(pattern).tolist() == [[False, False, False], [True, False, False], [False, False, False]]
+
+
+def test_heatmap_cli_rejects_bad_input_with_the_accepted_range(capsys):
+    assert main(["heatmap", "--model", "zoo:gpt2", "--prompt", "Hi", "--layer", "5", "--out", "x.png"]) == 2
+    assert "layer must be in [0, 2)" in capsys.readouterr().err
+    assert main(["heatmap", "--model", "zoo:gpt2", "--prompt", "Hi", "--compress", "lru:budget=4", "--out", "x.png"]) == 2
+    assert "accepted: streamingllm" in capsys.readouterr().err
