@@ -49,11 +49,9 @@ def decode_attention_seconds(num_tokens: int, policy, repeats: int) -> list[floa
         query = torch.randn(1, HEADS, 1, HEAD_DIM)
         new_key = torch.randn(1, HEADS, 1, HEAD_DIM)
         start = time.perf_counter()
-        read_keys, read_values, positions, irregular = layer.write_and_read(
-            new_key, new_key, context, cache_hooks, query, spec
-        )
-        attend(query, read_keys, read_values, positions, spec, context, attn_hooks,
-               cache_has_padding=irregular, heads_share_positions=not irregular)
+        read = layer.write_and_read(new_key, new_key, context, cache_hooks, query, spec)
+        attend(query, read.keys, read.values, read.positions, spec, context, attn_hooks,
+               cache_has_padding=read.has_hidden, heads_share_positions=not read.per_head_positions)
         times.append(time.perf_counter() - start)
         layer.truncate(num_tokens, num_tokens)  # the next repeat decodes from the same cache
     return times

@@ -11,6 +11,7 @@ once a compression policy evicts entries, and positions of new tokens always com
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -19,6 +20,16 @@ from interp_cache.context import ForwardContext
 from interp_cache.hook_points import CacheHooks, run_hook
 from interp_cache.ragged import PADDING_POSITION, RaggedEntries, keep_from_mask
 _MIN_CAPACITY = 16
+
+
+class CacheRead(NamedTuple):
+    """What attention reads from a layer this forward."""
+
+    keys: torch.Tensor  # [b, g, k, d]
+    values: torch.Tensor  # [b, g, k, d]
+    positions: torch.Tensor  # [b, g, k] true positions, -1: nothing to attend
+    per_head_positions: bool  # heads (or layers) hold different positions: masks per head, none shared
+    has_hidden: bool  # some slots are -1 beyond the cache's padding (head-wise padding, a patch): mask them
 
 
 class HookedCacheLayer(CacheLayerMixin):
@@ -87,8 +98,10 @@ class HookedCacheLayer(CacheLayerMixin):
         if needed <= self.capacity:
             return
         # 1.5x growth: amortised O(1) appends with at most a third of the storage spare, so a compressed
-        # cache that decodes on does not double its bytes on the first new token.
-        self._resize_tail(max(needed, self.capacity + self.capacity // 2, _MIN_CAPACITY))
+        # cache that decodes on does not double its bytes on the first new token. Whole multiples of 16
+        # entries, so pages of 16 (Quest) tile the storage and can be gathered as blocks.
+        grown = max(needed, self.capacity + self.capacity // 2, _MIN_CAPACITY)
+        self._resize_tail(-(-grown // _MIN_CAPACITY) * _MIN_CAPACITY)
 
     def append(self, keys_bgpd: torch.Tensor, values_bgpd: torch.Tensor, positions_bgp: torch.Tensor) -> None:
         if not self.is_initialized:
@@ -234,16 +247,15 @@ class HookedCacheLayer(CacheLayerMixin):
         hooks: CacheHooks,
         query_bhpd: torch.Tensor | None = None,
         spec=None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        """Append this forward's entries, read what attention sees: keys, values, positions, and whether the
-        read is irregular (per-head positions or holes: the core must mask per head)."""
+    ) -> CacheRead:
+        """Append this forward's entries; return what attention reads."""
         keys_bgpd = run_hook(hooks.hook_k_write, keys_bgpd, context)
         values_bgpd = run_hook(hooks.hook_v_write, values_bgpd, context)
         b, g, p, _ = keys_bgpd.shape
         start = self.physical_length
         self.append(keys_bgpd, values_bgpd, context.stored_positions[:, None, :].expand(b, g, p))
         self.has_padding = self.has_padding or context.has_padding
-        irregular = self.irregular
+        per_head, hidden = self.irregular, self.prefix is not None
         selection = None
         if self.policy is not None:
             self.policy.after_write(self, start)
@@ -251,14 +263,14 @@ class HookedCacheLayer(CacheLayerMixin):
         if selection is None:
             keys, values, positions = self.read()
         else:
-            keys, values, positions = selection
-            irregular = True
+            keys, values, positions, selection_hides = selection
+            per_head, hidden = True, hidden or selection_hides
         if hooks.hook_positions.is_hooked():
             positions = run_hook(hooks.hook_positions, positions, context, key_positions=positions)
-            irregular = True  # a patched position can hide an entry or differ between heads
+            per_head = hidden = True  # a patched position can hide an entry or differ between heads
         keys = run_hook(hooks.hook_k_read, keys, context, key_positions=positions)
         values = run_hook(hooks.hook_v_read, values, context, key_positions=positions)
-        return keys, values, positions, irregular
+        return CacheRead(keys, values, positions, per_head, hidden)
 
     def after_attention(
         self,

@@ -105,22 +105,22 @@ class AttentionLayerRunner:
             k = run_hook(attn_hooks.hook_rot_k, k, context)
         cache_layer = context.cache.layers[self.layer_idx]
         query_bhpd = q.transpose(1, 2)
-        keys, values, key_positions, irregular = cache_layer.write_and_read(
+        read = cache_layer.write_and_read(
             k.transpose(1, 2), v.transpose(1, 2), context, self.hooks.cache, query_bhpd, self.spec
         )
         z = attend(
             query_bhpd,
-            keys,
-            values,
-            key_positions,
+            read.keys,
+            read.values,
+            read.positions,
             self.spec,
             context,
             attn_hooks,
-            cache_has_padding=cache_layer.has_padding or irregular,
-            heads_share_positions=not irregular,
+            cache_has_padding=cache_layer.has_padding or read.has_hidden,
+            heads_share_positions=not read.per_head_positions,
             force_explicit=self.force_explicit,
         )
         if cache_layer.policy is not None:
-            cache_layer.after_attention(query_bhpd, keys, key_positions, self.spec, context, self.hooks.cache)
+            cache_layer.after_attention(query_bhpd, read.keys, read.positions, self.spec, context, self.hooks.cache)
         out = adapter.project_out(module, z)
         return run_hook(self.hooks.hook_attn_out, out, context)

@@ -15,7 +15,7 @@ a sliding window or holding only padding are never chosen. Prefill and multi-tok
 densely, as does any step where the budget covers every page (the identity, bit for bit).
 
 `hook_scores` shows the page bounds `[b, g, pages]`; `hook_keep` the entry indices read `[b, g, n]`
-(-1: slots past the last entry).
+(a patch may write -1 to hide a slot).
 """
 
 from __future__ import annotations
@@ -63,12 +63,12 @@ class Quest(CompressionPolicy):
         first_page, num_pages = start // size, math.ceil(n / size)
         state = layer.policy_state
         b, g, _, d = layer.keys.shape
-        if "page_min_bgdn" not in state or state["page_min_bgdn"].shape[-1] < num_pages:
-            old_capacity = state["page_min_bgdn"].shape[-1] if state else 0
+        if "page_max_min_bgen" not in state or state["page_max_min_bgen"].shape[-1] < num_pages:
+            old_capacity = state["page_max_min_bgen"].shape[-1] if state else 0
             capacity = max(num_pages, old_capacity + old_capacity // 2)
             grown = {
-                "page_min_bgdn": layer.keys.new_empty((b, g, d, capacity)),
-                "page_max_bgdn": layer.keys.new_empty((b, g, d, capacity)),
+                # rows 0..d-1: the page's elementwise max key, rows d..2d-1: its min (one matmul scores both)
+                "page_max_min_bgen": layer.keys.new_empty((b, g, 2 * d, capacity)),
                 "page_last_position": layer.positions.new_full((b, g, capacity), PADDING_POSITION),
             }
             for name, old in state.items():
@@ -90,8 +90,8 @@ class Quest(CompressionPolicy):
             else:
                 page_min, page_max = keys.amin(3), keys.amax(3)
             page = slice(lo // size, lo // size + pages)
-            state["page_min_bgdn"][..., page] = page_min.transpose(-1, -2)
-            state["page_max_bgdn"][..., page] = page_max.transpose(-1, -2)
+            state["page_max_min_bgen"][:, :, :d, page] = page_max.transpose(-1, -2)
+            state["page_max_min_bgen"][:, :, d:, page] = page_min.transpose(-1, -2)
             state["page_last_position"][..., page] = positions.amax(3)
 
     # -- selection at a decode step ------------------------------------------------------------------
@@ -99,13 +99,14 @@ class Quest(CompressionPolicy):
         """Upper bound `[b, g, pages]` of the attention score any entry of each page can get."""
         num_pages = math.ceil(layer.physical_length / self.page_size)
         state = layer.policy_state
-        page_min = state["page_min_bgdn"][..., :num_pages]
-        page_max = state["page_max_bgdn"][..., :num_pages]
+        page_max_min = state["page_max_min_bgen"][..., :num_pages]
         page_last = state["page_last_position"][..., :num_pages]
         b, h, _, d = query_bhpd.shape
-        g = page_min.shape[1]
+        g = page_max_min.shape[1]
         query_bgrd = query_bhpd[:, :, 0].reshape(b, g, h // g, d)
-        bound_bgrn = torch.matmul(query_bgrd.clamp(min=0), page_max) + torch.matmul(query_bgrd.clamp(max=0), page_min)
+        # sum_d max(q_d min_d, q_d max_d) = q+ . max + q- . min
+        split_query = torch.cat([query_bgrd.clamp(min=0), query_bgrd.clamp(max=0)], dim=-1)
+        bound_bgrn = torch.matmul(split_query, page_max_min)
         if spec.uses_alibi:  # slope * position grows with position: the page's last entry has the largest bias
             slopes_gr = spec.alibi_slopes.to(bound_bgrn.device).view(g, h // g) * spec.alibi_scale
             bias = slopes_gr[None, :, :, None] * page_last.clamp(min=0)[:, :, None, :]
@@ -131,11 +132,22 @@ class Quest(CompressionPolicy):
         bound = run_hook(hooks.hook_scores, bound, context)
         pages = bound.topk(pages_read, dim=-1).indices.sort(dim=-1).values  # [b, g, pages_read]
         index_bgn = (pages[..., None] * size + torch.arange(size, device=pages.device)).flatten(2)
-        index_bgn = index_bgn.masked_fill(index_bgn >= n, -1)
-        index_bgn = run_hook(hooks.hook_keep, index_bgn, context)
-        if bool(((index_bgn < -1) | (index_bgn >= n)).any()):
-            raise ValueError(f"{hooks.hook_keep.name}: indices must be in [0, {n}) (or -1 for none)")
-        return gather_entries(layer, index_bgn)
+        hidden = False
+        if bool((pages[..., -1] == num_pages - 1).all()):
+            # The newest page is every head's last and may be partial: end the read at the last entry, so
+            # no slot is empty and attention needs no mask.
+            index_bgn = index_bgn[..., : index_bgn.shape[-1] - (num_pages * size - n)]
+        else:  # (a patched hook_scores dropped the newest page somewhere)
+            index_bgn = index_bgn.masked_fill(index_bgn >= n, -1)
+            hidden = bool((index_bgn < 0).any())
+        patched = run_hook(hooks.hook_keep, index_bgn, context)
+        if patched is not index_bgn:
+            if bool(((patched < -1) | (patched >= n)).any()):
+                raise ValueError(f"{hooks.hook_keep.name}: indices must be in [0, {n}) (or -1 for none)")
+            hidden = bool((patched < 0).any())
+        elif not hidden and layer.capacity % size == 0:
+            return (*gather_pages(layer, pages, size, index_bgn.shape[-1]), False)
+        return (*gather_entries(layer, patched), hidden)
 
 
 def gather_entries(layer, index_bgn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -148,4 +160,22 @@ def gather_entries(layer, index_bgn: torch.Tensor) -> tuple[torch.Tensor, torch.
     keys = layer.keys.reshape(b * g * capacity, d).index_select(0, flat).view(b, g, n, d)
     values = layer.values.reshape(b * g * capacity, -1).index_select(0, flat).view(b, g, n, -1)
     positions = layer.positions.reshape(-1).index_select(0, flat).view(b, g, n).masked_fill(missing, PADDING_POSITION)
+    return keys, values, positions
+
+
+def gather_pages(layer, pages_bgm: torch.Tensor, page_size: int, length: int):
+    """Keys, values `[b, g, m * page_size, d]`, positions of whole pages `pages_bgm` (ascending), the read cut
+    at `length` entries: a block copy per page, where `gather_entries` would copy entry by entry."""
+    b, g, capacity, d = layer.keys.shape
+    pages_per_row = capacity // page_size
+    row_start = (torch.arange(b * g, device=pages_bgm.device) * pages_per_row).view(b, g, 1)
+    flat = (row_start + pages_bgm).reshape(-1)
+    m = pages_bgm.shape[-1]
+
+    def blocks(storage: torch.Tensor, width: int) -> torch.Tensor:
+        by_page = storage.reshape(b * g * pages_per_row, page_size * width)
+        return by_page.index_select(0, flat).view(b, g, m * page_size, width)[:, :, :length]
+
+    keys, values = blocks(layer.keys, d), blocks(layer.values, layer.values.shape[-1])
+    positions = blocks(layer.positions[..., None], 1)[..., 0]
     return keys, values, positions
