@@ -28,6 +28,40 @@ from interp_cache.hook_points import AttentionHooks, run_hook
 
 
 @dataclass(frozen=True)
+class StoredRows:
+    """Values `[b, g, k, d]` left in the cache's storage: rows `rows_bgk` of `storage_nd`, not yet copied.
+
+    A page-selecting read (Quest) hands values this way so a single-token decode step can mix them straight
+    from storage (`embedding_bag`), without first copying the selected rows out and reading them again.
+    """
+
+    storage_nd: torch.Tensor
+    rows_bgk: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage_nd.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.rows_bgk.shape, self.storage_nd.shape[-1]))
+
+    def materialize(self) -> torch.Tensor:
+        return self.storage_nd.index_select(0, self.rows_bgk.reshape(-1)).view(self.shape)
+
+
+def _mix_stored_rows(pattern_bhpk: torch.Tensor, values: StoredRows, num_heads: int) -> torch.Tensor:
+    """`pattern @ values` for p == 1 as one weighted bag of storage rows per query head: `[b, h, 1, d]`."""
+    b, g, k = values.rows_bgk.shape
+    rows_bhk = values.rows_bgk.repeat_interleave(num_heads // g, dim=1)
+    offsets = torch.arange(0, b * num_heads * k, k, device=rows_bhk.device)
+    mixed = F.embedding_bag(
+        rows_bhk.reshape(-1), values.storage_nd, offsets, mode="sum", per_sample_weights=pattern_bhpk.reshape(-1)
+    )
+    return mixed.view(b, num_heads, 1, -1)
+
+
+@dataclass(frozen=True)
 class AttentionSpec:
     num_heads: int
     num_kv_heads: int
@@ -163,6 +197,7 @@ def attend(
 ) -> torch.Tensor:
     """Attention output z `[b, p, h, d]` (before the output projection)."""
     value_dtype = values_bgkd.dtype
+    stored_rows = values_bgkd if isinstance(values_bgkd, StoredRows) else None
     if spec.score_dtype is not None and query_bhpd.dtype != spec.score_dtype:
         query_bhpd, keys_bgkd = query_bhpd.to(spec.score_dtype), keys_bgkd.to(spec.score_dtype)
         force_explicit = True
@@ -177,6 +212,9 @@ def attend(
         bias = run_hook(hooks.hook_pos_bias, bias, context, key_positions=key_positions_bgk)
 
     explicit = force_explicit or spec.softcap is not None or hooks.needs_explicit_scores()
+    if stored_rows is not None and (explicit or p != 1 or value_dtype != torch.float32):
+        values_bgkd = stored_rows.materialize()
+        stored_rows = None
     masked = _needs_mask(context, key_positions_bgk, spec.sliding_window, cache_has_padding)
     visible = None
     if masked or (p > 1 and (explicit or k != p or bias is not None)):
@@ -201,6 +239,12 @@ def attend(
             attn_mask = bias
         elif p > 1:
             is_causal = True  # k == p here: one forward over an empty cache, no padding
+        if stored_rows is not None:
+            scores = masked_scores(query_bhpd, keys_bgkd, spec, None, None)
+            if attn_mask is not None:
+                scores = scores + attn_mask
+            pattern = torch.softmax(scores, dim=-1)
+            return run_hook(hooks.hook_z, _mix_stored_rows(pattern, stored_rows, spec.num_heads).transpose(1, 2), context)
         z_bhpd = F.scaled_dot_product_attention(
             query_bhpd,
             keys_bgkd,

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from interp_cache.attention import StoredRows
 from interp_cache.context import ForwardContext
 from interp_cache.hook_points import CacheHooks, run_hook
 from interp_cache.ragged import PADDING_POSITION, RaggedEntries, keep_from_mask
@@ -26,7 +27,7 @@ class CacheRead(NamedTuple):
     """What attention reads from a layer this forward."""
 
     keys: torch.Tensor  # [b, g, k, d]
-    values: torch.Tensor  # [b, g, k, d]
+    values: torch.Tensor | StoredRows  # [b, g, k, d], or rows still in storage (a page-selecting read)
     positions: torch.Tensor  # [b, g, k] true positions, -1: nothing to attend
     per_head_positions: bool  # heads (or layers) hold different positions: masks per head, none shared
     has_hidden: bool  # some slots are -1 beyond the cache's padding (head-wise padding, a patch): mask them
@@ -269,7 +270,14 @@ class HookedCacheLayer(CacheLayerMixin):
             positions = run_hook(hooks.hook_positions, positions, context, key_positions=positions)
             per_head = hidden = True  # a patched position can hide an entry or differ between heads
         keys = run_hook(hooks.hook_k_read, keys, context, key_positions=positions)
-        values = run_hook(hooks.hook_v_read, values, context, key_positions=positions)
+        if hooks.hook_v_read.is_hooked() and isinstance(values, StoredRows):
+            # The hook sees the values; attention mixes them from storage unless the hook replaced them,
+            # so a hook that only reads (or patches another step) leaves the arithmetic bit for bit alone.
+            stored, values = values, values.materialize()
+            patched = run_hook(hooks.hook_v_read, values, context, key_positions=positions)
+            values = stored if patched is values else patched
+        else:
+            values = run_hook(hooks.hook_v_read, values, context, key_positions=positions)
         return CacheRead(keys, values, positions, per_head, hidden)
 
     def after_attention(

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from interp_cache.attention import StoredRows
 from interp_cache.compress.base import Budget, CompressionPolicy, check_budget, check_int, resolve_budget
 from interp_cache.hook_points import run_hook
 from interp_cache.ragged import PADDING_POSITION
@@ -164,8 +165,9 @@ def gather_entries(layer, index_bgn: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def gather_pages(layer, pages_bgm: torch.Tensor, page_size: int, length: int):
-    """Keys, values `[b, g, m * page_size, d]`, positions of whole pages `pages_bgm` (ascending), the read cut
-    at `length` entries: a block copy per page, where `gather_entries` would copy entry by entry."""
+    """Keys `[b, g, m * page_size, d]` and positions of whole pages `pages_bgm` (ascending), the read cut at
+    `length` entries, copied page by page; values stay in storage (`StoredRows`): a decode step mixes them
+    from there, so the selected values are read once, not copied and read again."""
     b, g, capacity, d = layer.keys.shape
     pages_per_row = capacity // page_size
     row_start = (torch.arange(b * g, device=pages_bgm.device) * pages_per_row).view(b, g, 1)
@@ -176,6 +178,8 @@ def gather_pages(layer, pages_bgm: torch.Tensor, page_size: int, length: int):
         by_page = storage.reshape(b * g * pages_per_row, page_size * width)
         return by_page.index_select(0, flat).view(b, g, m * page_size, width)[:, :, :length]
 
-    keys, values = blocks(layer.keys, d), blocks(layer.values, layer.values.shape[-1])
+    keys = blocks(layer.keys, d)
     positions = blocks(layer.positions[..., None], 1)[..., 0]
+    entry_rows = (flat.view(b, g, m, 1) * page_size + torch.arange(page_size, device=flat.device)).flatten(2)
+    values = StoredRows(layer.values.reshape(b * g * capacity, -1), entry_rows[..., :length])
     return keys, values, positions
