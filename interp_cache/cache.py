@@ -143,6 +143,8 @@ class HookedCacheLayer(CacheLayerMixin):
 
     def kept_counts(self) -> torch.Tensor:
         """`[b, g]` entries each head stores (padding entries included)."""
+        if not self.is_initialized:
+            raise ValueError(f"layer {self.layer_idx} holds no entries yet: run a forward on this cache first")
         b, g = self.positions.shape[:2]
         counts = torch.full((b, g), self.physical_length, dtype=torch.long, device=self.positions.device)
         return counts if self.prefix is None else counts + self.prefix.counts_bg
@@ -536,8 +538,32 @@ class HookedCache(Cache):
         return int(chosen.sum())
 
     def fork(self) -> "HookedCache":
-        """An independent copy: continuations from the fork never touch this cache."""
-        return copy.deepcopy(self)
+        """An independent copy: continuations from the fork never touch this cache.
+
+        Tensors are cloned (not deep-copied), so a cache filled with gradients enabled forks too -- and the
+        fork's entries stay differentiable with respect to what produced them.
+        """
+        clones: dict[int, object] = {}
+        seen: set[int] = set()
+
+        def clone_tensors_in(value) -> None:
+            if id(value) in seen:
+                return
+            seen.add(id(value))
+            if isinstance(value, torch.Tensor):
+                clones[id(value)] = value.clone()
+            elif isinstance(value, dict):
+                for item in value.values():
+                    clone_tensors_in(item)
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    clone_tensors_in(item)
+            elif hasattr(value, "__dict__") and not isinstance(value, type):
+                for item in vars(value).values():
+                    clone_tensors_in(item)
+
+        clone_tensors_in(self)
+        return copy.deepcopy(self, clones)
 
     def rewind(self, num_tokens: int) -> None:
         """Forget the last `num_tokens` token slots (decode steps), e.g. to try another continuation."""

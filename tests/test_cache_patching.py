@@ -114,3 +114,15 @@ def test_two_continuations_from_a_forked_cache_equal_two_independent_runs(family
         independent = Stepper(model)
         independent.prefill(ids, mask)
         assert torch.equal(independent.step(tokens), logits)
+
+
+def test_a_cache_filled_with_gradients_enabled_forks_and_stays_differentiable_gpt2():
+    model = hooked("gpt2")
+    ids, mask = padded_batch(model, PROMPTS)
+    out = model(ids, attention_mask=mask, use_cache=True)  # no torch.no_grad(): entries carry autograd history
+    branch = out.past_key_values.fork()
+    keys = branch.layers[0].read()[0]
+    assert keys.requires_grad and keys.data_ptr() != out.past_key_values.layers[0].read()[0].data_ptr()
+    keys.sum().backward()
+    assert next(model.hf_model.parameters()).grad is not None
+    model.hf_model.zero_grad(set_to_none=True)
