@@ -27,6 +27,12 @@ from interp_cache.context import ForwardContext
 from interp_cache.hook_points import AttentionHooks, run_hook
 
 
+def kv_to_query_heads(per_kv_head: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Dim 1 from KV heads `g` to query heads `h`: query head i reads KV head i // (h / g) (GQA, MQA)."""
+    g = per_kv_head.shape[1]
+    return per_kv_head if g == num_heads else per_kv_head.repeat_interleave(num_heads // g, dim=1)
+
+
 @dataclass(frozen=True)
 class StoredRows:
     """Values `[b, g, k, d]` left in the cache's storage: rows `rows_bgk` of `storage_nd`, not yet copied.
@@ -53,7 +59,7 @@ class StoredRows:
 def _mix_stored_rows(pattern_bhpk: torch.Tensor, values: StoredRows, num_heads: int) -> torch.Tensor:
     """`pattern @ values` for p == 1 as one weighted bag of storage rows per query head: `[b, h, 1, d]`."""
     b, g, k = values.rows_bgk.shape
-    rows_bhk = values.rows_bgk.repeat_interleave(num_heads // g, dim=1)
+    rows_bhk = kv_to_query_heads(values.rows_bgk, num_heads)
     offsets = torch.arange(0, b * num_heads * k, k, device=rows_bhk.device)
     mixed = F.embedding_bag(
         rows_bhk.reshape(-1), values.storage_nd, offsets, mode="sum", per_sample_weights=pattern_bhpk.reshape(-1)
@@ -87,9 +93,7 @@ def alibi_bias(spec: AttentionSpec, key_positions_bgk: torch.Tensor, dtype: torc
     right for a cached decode step (seed 003: bias rows taken for position 0 instead of the new token).
     """
     b, g, k = key_positions_bgk.shape
-    positions = key_positions_bgk.clamp(min=0)
-    if g != spec.num_heads:
-        positions = positions.repeat_interleave(spec.num_heads // g, dim=1)
+    positions = kv_to_query_heads(key_positions_bgk.clamp(min=0), spec.num_heads)
     slopes = spec.alibi_slopes.to(positions.device)
     if spec.alibi_dtype is not None:
         bias = (slopes.to(spec.alibi_dtype)[None, :, None] * positions).to(dtype)
@@ -167,8 +171,7 @@ def attention_probabilities(
     if spec.uses_alibi:
         bias = alibi_bias(spec, key_positions_bgk, query_bhpd.dtype).expand(-1, -1, p, -1)
     visible = visibility_mask(query_positions_bp, key_positions_bgk, num_new, spec.sliding_window, first_query_index)
-    if visible.shape[1] != spec.num_heads:
-        visible = visible.repeat_interleave(spec.num_heads // visible.shape[1], dim=1)
+    visible = kv_to_query_heads(visible, spec.num_heads)
     scores = masked_scores(query_bhpd, keys_bgkd, spec, bias, visible)
     return torch.softmax(scores, dim=-1, dtype=torch.float32)
 
@@ -224,8 +227,8 @@ def attend(
         if visible is None:
             mask_positions = key_positions_bgk[:, :1] if heads_share_positions else key_positions_bgk
             visible = visibility_mask(context.positions, mask_positions, p, spec.sliding_window)
-            if visible.shape[1] != 1:
-                visible = visible.repeat_interleave(spec.num_heads // visible.shape[1], dim=1)
+            if visible.shape[1] != 1:  # one mask per KV head; a shared one broadcasts over heads as it is
+                visible = kv_to_query_heads(visible, spec.num_heads)
             if memo_key:
                 context.mask_memo[memo_key] = visible
     if not explicit:

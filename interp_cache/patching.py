@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from interp_cache.attention import kv_to_query_heads
 from interp_cache.recording import KEYED_HOOKS, head_axis, is_policy_hook, position_axis
 
 HookFn = Callable[[torch.Tensor, object], torch.Tensor | None]
@@ -56,12 +57,6 @@ def hook_kind(name: str) -> str:
     if name.rsplit(".", 1)[-1] in KEYED_HOOKS:
         return "keyed"
     return "entries" if position_axis(name) is None else "tokens"
-
-
-def _expand_kv_to_heads(key_positions_bgk: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """`[b, g, k]` -> `[b, h, k]`: query head i reads KV head i // (h / g) (grouped-query attention)."""
-    g = key_positions_bgk.shape[1]
-    return key_positions_bgk if g == num_heads else key_positions_bgk.repeat_interleave(num_heads // g, dim=1)
 
 
 def _along(mask: torch.Tensor, ndim: int, axes: tuple[int, ...]) -> torch.Tensor:
@@ -170,7 +165,7 @@ class Selection:
             if kind == "tokens":
                 mask = _along(token_bp, ndim, (0, position_axis(name)))
             else:
-                key_positions_bhk = _expand_kv_to_heads(hook.key_positions, activation.shape[1])
+                key_positions_bhk = kv_to_query_heads(hook.key_positions, activation.shape[1])
                 column_bhk = key_positions_bhk >= 0
                 if self.key_positions is not None:
                     column_bhk = column_bhk & _isin(key_positions_bhk, self.key_positions)
@@ -342,7 +337,7 @@ class _KeyedTable:
         self.values_bhqk = first.new_zeros((b, h, t, t))
         self.have_bhqk = torch.zeros((b, h, t, t), dtype=torch.bool, device=first.device)
         for call in calls:
-            key_positions_bhk = _expand_kv_to_heads(call.key_positions, h)
+            key_positions_bhk = kv_to_query_heads(call.key_positions, h)
             valid_bhpk = (~call.is_padding)[:, None, :, None] & (key_positions_bhk >= 0)[:, :, None, :]
             rows, heads, queries, keys = valid_bhpk.nonzero(as_tuple=True)
             query_positions = call.positions[rows, queries]
@@ -354,7 +349,7 @@ class _KeyedTable:
         device = self.values_bhqk.device
         b, h = activation.shape[:2]
         query_positions_bp = hook.positions.to(device)
-        key_positions_bhk = _expand_kv_to_heads(hook.key_positions.to(device), h)
+        key_positions_bhk = kv_to_query_heads(hook.key_positions.to(device), h)
         rows_b = _source_rows(self.values_bhqk.shape[0], b, self.name, device)
         limit = self.values_bhqk.shape[-1] - 1
         query_b1p1 = query_positions_bp.clamp(min=0, max=limit)[:, None, :, None]

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from interp_cache.attention import kv_to_query_heads
+
 # Which axis of each hook's activation runs over this forward's new tokens (None: over cache entries).
 KEYED_HOOKS = ("hook_pos_bias", "hook_attn_scores", "hook_pattern")  # [b, h, p, k]: new tokens x entries read
 _QUERY_AXIS_2 = KEYED_HOOKS + ("hook_k_write", "hook_v_write")
@@ -387,7 +389,7 @@ def _stack_keyed(name: str, calls: list[RecordedCall], length: int, fill) -> tor
                 f"{name!r} step {call.step}: activation {tuple(activation_bhpk.shape)} does not fit key positions "
                 f"{tuple(key_positions_bgk.shape)} (expected [b, {heads}, p, k] with [b, g, k], {heads} divisible by g)"
             )
-        key_positions_bhk = key_positions_bgk.repeat_interleave(heads // g, dim=1) if g != heads else key_positions_bgk
+        key_positions_bhk = kv_to_query_heads(key_positions_bgk, heads)
         query_positions_bp = call.positions
         keys_bh1k = key_positions_bhk[:, :, None, :]
         defined_bhpk = (

@@ -154,13 +154,11 @@ class Quest(CompressionPolicy):
 def gather_entries(layer, index_bgn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keys, values `[b, g, n, d]` and positions `[b, g, n]` of tail entries `index_bgn` (-1: a hidden slot)."""
     b, g, capacity, d = layer.keys.shape
-    missing = index_bgn < 0
     row_start = (torch.arange(b * g, device=index_bgn.device) * capacity).view(b, g, 1)
-    flat = (row_start + index_bgn.clamp(min=0)).reshape(-1)
-    n = index_bgn.shape[-1]
-    keys = layer.keys.reshape(b * g * capacity, d).index_select(0, flat).view(b, g, n, d)
-    values = layer.values.reshape(b * g * capacity, -1).index_select(0, flat).view(b, g, n, -1)
-    positions = layer.positions.reshape(-1).index_select(0, flat).view(b, g, n).masked_fill(missing, PADDING_POSITION)
+    rows_bgn = row_start + index_bgn.clamp(min=0)
+    keys = StoredRows(layer.keys.reshape(b * g * capacity, d), rows_bgn).materialize()
+    values = StoredRows(layer.values.reshape(b * g * capacity, -1), rows_bgn).materialize()
+    positions = layer.positions.reshape(-1)[rows_bgn].masked_fill(index_bgn < 0, PADDING_POSITION)
     return keys, values, positions
 
 
