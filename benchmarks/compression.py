@@ -18,15 +18,15 @@ import time
 
 import torch
 
-from interp_cache.attention import AttentionSpec, attend
-from interp_cache.cache import HookedCacheLayer
+from interp_cache.core.attention import AttentionSpec, attend
+from interp_cache.cache.hooked_cache import HookedCacheLayer
 from interp_cache.compress import AdaKV, Quest, SnapKV
-from interp_cache.context import ForwardContext
-from interp_cache.hook_points import AttentionHooks, CacheHooks
-from interp_cache.hooked_model import HookedModel
-from interp_cache.stepper import Stepper
-from interp_cache.tokenizer import ByteTokenizer
-from interp_cache.zoo import build_zoo_model
+from interp_cache.core.context import ForwardContext
+from interp_cache.core.hook_points import AttentionHooks, CacheHooks
+from interp_cache.models.hooked_model import HookedModel
+from interp_cache.decoding.stepper import Stepper
+from interp_cache.models.tokenizer import ByteTokenizer
+from interp_cache.models.zoo import build_zoo_model
 
 HEADS, HEAD_DIM = 32, 128
 

@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from interp_cache.hooked_model import HookedModel
-from interp_cache.tokenizer import ByteTokenizer
-from interp_cache.zoo import build_zoo_model
+from interp_cache.models.hooked_model import HookedModel
+from interp_cache.models.tokenizer import ByteTokenizer
+from interp_cache.models.zoo import build_zoo_model
 
 SHAPE = dict(hidden=256, layers=4, heads=8)
 

@@ -9,7 +9,7 @@ import time
 
 
 def _zoo(args) -> int:
-    from interp_cache.zoo import DESCRIPTIONS, ZOO
+    from interp_cache.models.zoo import DESCRIPTIONS, ZOO
 
     for family in ZOO:
         print(f"zoo:{family:<14} {DESCRIPTIONS[family]}")
@@ -20,8 +20,8 @@ def _verify(args) -> int:
     import torch
 
     import interp_cache as ic
-    from interp_cache.verify import format_markdown, format_table, verify, write_json
-    from interp_cache.zoo import ZOO
+    from interp_cache.verify.checks import format_markdown, format_table, verify, write_json
+    from interp_cache.models.zoo import ZOO
 
     names = [f"zoo:{family}" for family in ZOO] if args.all else (args.model or [])
     if not names:
@@ -53,7 +53,7 @@ def _verify(args) -> int:
 def _heatmap(args) -> int:
     import interp_cache as ic
     from interp_cache.compress.spec import parse_policy
-    from interp_cache.pictures import heatmap
+    from interp_cache.analysis.pictures import heatmap
 
     try:
         policy = None if args.compress is None else parse_policy(args.compress)

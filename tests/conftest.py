@@ -8,7 +8,7 @@ import torch
 
 import interp_cache as ic
 from interp_cache import verify
-from interp_cache.zoo import ZOO, build_zoo_model
+from interp_cache.models.zoo import ZOO, build_zoo_model
 
 # pytest -n 2 runs two workers on a 2-core machine: one torch thread each, or their thread pools fight
 # over the cores and small ops wait milliseconds for each other.

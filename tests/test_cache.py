@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import hooked, padded_batch
-from interp_cache.cache import HookedCacheLayer
+from interp_cache.cache.hooked_cache import HookedCacheLayer
 
 
 def test_growth_is_amortised_not_a_copy_per_step():

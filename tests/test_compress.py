@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import hooked, padded_batch
-from interp_cache.cache import HookedCacheLayer
+from interp_cache.cache.hooked_cache import HookedCacheLayer
 from interp_cache.compress import H2O, AdaKV, KNorm, PyramidKV, Quest, Random, SnapKV, StreamingLLM
-from interp_cache.context import ForwardContext
-from interp_cache.hook_points import CacheHooks
-from interp_cache.stepper import Stepper
+from interp_cache.core.context import ForwardContext
+from interp_cache.core.hook_points import CacheHooks
+from interp_cache.decoding.stepper import Stepper
 
 LONG_PROMPTS = ["The quick brown fox jumps over the lazy dog, again and again", "Hello there, friend"]
 NEW_TOKENS = 6

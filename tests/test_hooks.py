@@ -7,7 +7,7 @@ import torch
 
 import interp_cache as ic
 from conftest import hooked, original, original_logits, padded_batch
-from interp_cache.zoo import build_zoo_model
+from interp_cache.models.zoo import build_zoo_model
 
 
 def test_hooks_see_decode_step_and_true_positions():
@@ -97,7 +97,7 @@ def test_foreign_cache_and_bad_masks_are_rejected():
 
 def test_a_local_checkpoint_loads_through_the_same_code(tmp_path):
     """A saved zoo bloom reloads from its path and computes what the zoo model computes."""
-    from interp_cache.tokenizer import ByteTokenizer
+    from interp_cache.models.tokenizer import ByteTokenizer
 
     build_zoo_model("bloom").save_pretrained(tmp_path)
     from_path = ic.load(str(tmp_path), dtype="float32", tokenizer=ByteTokenizer())

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import hooked, padded_batch
 
-from interp_cache.patching import (
+from interp_cache.analysis.patching import (
     MissingSourceError,
     Selection,
     add,
@@ -18,8 +18,8 @@ from interp_cache.patching import (
     scale,
     zero,
 )
-from interp_cache.stepper import Stepper
-from interp_cache.sweep import feed, logit_diff, sweep
+from interp_cache.decoding.stepper import Stepper
+from interp_cache.analysis.sweep import feed, logit_diff, sweep
 
 # llama: GQA 4 query / 2 KV heads; gpt2: learned positions; bloom: ALiBi; gpt_neox: partial rotary,
 # parallel residual; falcon: multi-query (1 KV head), rotary.

@@ -7,7 +7,7 @@ import torch
 from conftest import hooked
 from interp_cache.cli import main
 from interp_cache.compress import H2O, Quest
-from interp_cache.pictures import heatmap, unread_mask
+from interp_cache.analysis.pictures import heatmap, unread_mask
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

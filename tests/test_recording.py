@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import hooked, padded_batch
 
-from interp_cache.recording import (
+from interp_cache.analysis.recording import (
     MANIFEST_FILE,
     TENSORS_FILE,
     RecordedCall,
@@ -17,7 +17,7 @@ from interp_cache.recording import (
     generation_forward_lengths,
     recording_bytes_bound,
 )
-from interp_cache.stepper import Stepper
+from interp_cache.decoding.stepper import Stepper
 
 PATTERNS_AND_RESIDUALS = lambda name: name.endswith(("hook_pattern", "hook_resid_post"))
 

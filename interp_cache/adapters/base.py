@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from interp_cache.attention import AttentionSpec, attend
-from interp_cache.hook_points import BlockHooks, run_hook
+from interp_cache.core.attention import AttentionSpec, attend
+from interp_cache.core.hook_points import BlockHooks, run_hook
 
 if TYPE_CHECKING:
-    from interp_cache.context import ForwardContext
+    from interp_cache.core.context import ForwardContext
 
 
 class FamilyAdapter:

@@ -37,7 +37,7 @@ from torch import nn
 from transformers.models.bloom.modeling_bloom import dropout_add
 
 from interp_cache.adapters.base import AttentionLayerRunner, FamilyAdapter
-from interp_cache.attention import AttentionSpec
+from interp_cache.core.attention import AttentionSpec
 
 
 class BloomAdapter(FamilyAdapter):

@@ -54,8 +54,8 @@ from torch import nn
 from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
 from interp_cache.adapters.base import AttentionLayerRunner, FamilyAdapter
-from interp_cache.attention import AttentionSpec
-from interp_cache.rotary import apply_half_split_rotary
+from interp_cache.core.attention import AttentionSpec
+from interp_cache.core.rotary import apply_half_split_rotary
 
 
 class FalconAdapter(FamilyAdapter):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from interp_cache.adapters.base import AttentionLayerRunner, FamilyAdapter
-from interp_cache.attention import AttentionSpec
+from interp_cache.core.attention import AttentionSpec
 
 
 class GPT2Adapter(FamilyAdapter):

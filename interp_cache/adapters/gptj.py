@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from interp_cache.adapters.base import AttentionLayerRunner, FamilyAdapter
-from interp_cache.attention import AttentionSpec
-from interp_cache.rotary import apply_interleaved_rotary
+from interp_cache.core.attention import AttentionSpec
+from interp_cache.core.rotary import apply_interleaved_rotary
 
 
 class GPTJAdapter(FamilyAdapter):

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from interp_cache.adapters.base import AttentionLayerRunner, FamilyAdapter
-from interp_cache.attention import AttentionSpec
+from interp_cache.core.attention import AttentionSpec
 
 _DEFAULT_ALIBI_BIAS_MAX = 8  # what MptModel.forward uses whatever the config says
 

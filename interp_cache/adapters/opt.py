@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from interp_cache.adapters.base import AttentionLayerRunner, FamilyAdapter
-from interp_cache.attention import AttentionSpec
+from interp_cache.core.attention import AttentionSpec
 
 
 class OPTAdapter(FamilyAdapter):

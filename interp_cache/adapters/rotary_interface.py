@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from interp_cache.adapters.base import AttentionLayerRunner, FamilyAdapter
-from interp_cache.attention import AttentionSpec
-from interp_cache.rotary import apply_half_split_rotary
+from interp_cache.core.attention import AttentionSpec
+from interp_cache.core.rotary import apply_half_split_rotary
 
 
 class RotaryInterfaceAdapter(FamilyAdapter):

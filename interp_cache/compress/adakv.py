@@ -4,7 +4,7 @@ The base policy's scores of all KV heads of a layer are flattened and the layer'
 highest entries are kept, so heads whose attention is spread out keep more and concentrated heads
 fewer. The safeguard `alpha` first guarantees every head its own top `int(alpha * budget)` entries.
 GQA: the base already reduces scores per KV head. The unequal counts are stored compactly
-(`interp_cache.ragged`), so the cache's bytes fall with the budget.
+(`interp_cache.cache.ragged`), so the cache's bytes fall with the budget.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from interp_cache.compress.base import EvictionPolicy, Observation
-from interp_cache.ragged import keep_from_mask
+from interp_cache.cache.ragged import keep_from_mask
 from interp_cache.compress.knorm import KNorm
 from interp_cache.compress.random_eviction import Random
 from interp_cache.compress.snapkv import SnapKV

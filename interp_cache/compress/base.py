@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from interp_cache.attention import AttentionSpec, attention_probabilities
-from interp_cache.hook_points import run_hook
+from interp_cache.core.attention import AttentionSpec, attention_probabilities
+from interp_cache.core.hook_points import run_hook
 
 if TYPE_CHECKING:
-    from interp_cache.cache import HookedCacheLayer
-    from interp_cache.context import ForwardContext
-    from interp_cache.hook_points import CacheHooks
+    from interp_cache.cache.hooked_cache import HookedCacheLayer
+    from interp_cache.core.context import ForwardContext
+    from interp_cache.core.hook_points import CacheHooks
 
 Budget = int | float
 _QUERY_CHUNK = 256  # queries per block when summing attention over a long prefill (bounds the [p, k] matrix)

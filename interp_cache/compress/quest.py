@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from interp_cache.attention import StoredRows
+from interp_cache.core.attention import StoredRows
 from interp_cache.compress.base import Budget, CompressionPolicy, check_budget, check_int, resolve_budget
-from interp_cache.hook_points import run_hook
-from interp_cache.ragged import PADDING_POSITION
+from interp_cache.core.hook_points import run_hook
+from interp_cache.cache.ragged import PADDING_POSITION
 
 
 @dataclass

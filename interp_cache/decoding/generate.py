@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from interp_cache.hooked_model import HookedModel
+    from interp_cache.models.hooked_model import HookedModel
 
 
 def validate_generation_kwargs(input_ids: torch.Tensor, kwargs: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from interp_cache.recording import KEYED_HOOKS, RecordedCall, Recording, head_axis, is_policy_hook, position_axis
+from interp_cache.analysis.recording import KEYED_HOOKS, RecordedCall, Recording, head_axis, is_policy_hook, position_axis
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 
@@ -24,7 +24,7 @@ def _masked_floor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _divergence_in_call(name: str, call: RecordedCall, reference: RecordedCall, slot: int, tolerance: float):
-    from interp_cache.verify import Divergence
+    from interp_cache.verify.checks import Divergence
 
     leaf = name.rsplit(".", 1)[-1]
     axis = position_axis(name)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from interp_cache.patching import IndexSelector, SourceHook, from_source, hook_kind
-from interp_cache.recording import head_axis
-from interp_cache.stepper import Stepper
+from interp_cache.analysis.patching import IndexSelector, SourceHook, from_source, hook_kind
+from interp_cache.analysis.recording import head_axis
+from interp_cache.decoding.stepper import Stepper
 
 Metric = Callable[[torch.Tensor], torch.Tensor | float]
 _DEFAULT_HOOKS = {"layer_head": "attn.hook_z", "layer_position": "hook_resid_pre"}

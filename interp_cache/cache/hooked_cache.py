@@ -16,10 +16,10 @@ from typing import NamedTuple
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from interp_cache.attention import StoredRows
-from interp_cache.context import ForwardContext
-from interp_cache.hook_points import CacheHooks, run_hook
-from interp_cache.ragged import PADDING_POSITION, RaggedEntries, keep_from_mask
+from interp_cache.core.attention import StoredRows
+from interp_cache.core.context import ForwardContext
+from interp_cache.core.hook_points import CacheHooks, run_hook
+from interp_cache.cache.ragged import PADDING_POSITION, RaggedEntries, keep_from_mask
 _MIN_CAPACITY = 16
 
 

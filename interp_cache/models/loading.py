@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 
 from interp_cache.adapters import family_of
-from interp_cache.hooked_model import HookedModel
-from interp_cache.tokenizer import ByteTokenizer
-from interp_cache.zoo import ZOO, build_zoo_model
+from interp_cache.models.hooked_model import HookedModel
+from interp_cache.models.tokenizer import ByteTokenizer
+from interp_cache.models.zoo import ZOO, build_zoo_model
 
 ZOO_PREFIX = "zoo:"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-from interp_cache.attention import kv_to_query_heads
-from interp_cache.recording import KEYED_HOOKS, head_axis, is_policy_hook, position_axis
+from interp_cache.core.attention import kv_to_query_heads
+from interp_cache.analysis.recording import KEYED_HOOKS, head_axis, is_policy_hook, position_axis
 
 HookFn = Callable[[torch.Tensor, object], torch.Tensor | None]
 IndexSelector = int | Iterable[int] | torch.Tensor | None

@@ -16,7 +16,7 @@
 
 When a cached-vs-uncached row fails, both runs are recorded at every hook point and aligned by token
 slot and decode step; `first_divergence` names the first hook (layer, head, step, absolute position,
-error) that differs beyond tolerance (`interp_cache.localize`). `verify_decode_loop` does the same for a
+error) that differs beyond tolerance (`interp_cache.verify.localize`). `verify_decode_loop` does the same for a
 user's own decode loop.
 
 Errors: `max_abs_err` is the largest |a - b| over real (non-padding) positions; `max_rel_err` divides it
@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from interp_cache.localize import first_divergence, localize
+from interp_cache.verify.localize import first_divergence, localize
 
 if TYPE_CHECKING:
-    from interp_cache.hooked_model import HookedModel
+    from interp_cache.models.hooked_model import HookedModel
 
 DEFAULT_PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -236,7 +236,7 @@ def _identity_policies(total_tokens: int) -> list:
 
 
 def _compression_row(model, input_ids, attention_mask, max_new_tokens) -> CheckRow:
-    from interp_cache.stepper import Stepper
+    from interp_cache.decoding.stepper import Stepper
 
     def greedy_logits(policy):
         stepper = Stepper(model, compress=policy)

@@ -18,10 +18,10 @@ from transformer_lens.HookedRootModule import HookedRootModule
 from transformers.cache_utils import Cache
 
 from interp_cache.adapters import AttentionLayerRunner, adapter_for, family_of
-from interp_cache.cache import HookedCache
+from interp_cache.cache.hooked_cache import HookedCache
 from interp_cache.compress.base import check_policy
-from interp_cache.context import ForwardContext
-from interp_cache.hook_points import BlockHooks, CachedDecodingHookPoint, run_hook
+from interp_cache.core.context import ForwardContext
+from interp_cache.core.hook_points import BlockHooks, CachedDecodingHookPoint, run_hook
 
 
 class HookedModel(HookedRootModule):
@@ -133,7 +133,7 @@ class HookedModel(HookedRootModule):
         )
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
-        from interp_cache.decoding import generate
+        from interp_cache.decoding.generate import generate
 
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
@@ -273,6 +273,6 @@ class HookedModel(HookedRootModule):
 
     def record(self, names_filter=None, device="cpu", dtype=None):
         """`with model.record(names) as rec: ...`: every hook call's activation with its step and positions."""
-        from interp_cache.recording import record
+        from interp_cache.analysis.recording import record
 
         return record(self, names_filter, device=device, dtype=dtype)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from interp_cache.attention import kv_to_query_heads
+from interp_cache.core.attention import kv_to_query_heads
 
 # Which axis of each hook's activation runs over this forward's new tokens (None: over cache entries).
 KEYED_HOOKS = ("hook_pos_bias", "hook_attn_scores", "hook_pattern")  # [b, h, p, k]: new tokens x entries read
@@ -38,7 +38,7 @@ _QUERY_AXIS_2 = KEYED_HOOKS + ("hook_k_write", "hook_v_write")
 _ENTRY_HOOKS = ("hook_k_read", "hook_v_read", "hook_positions")
 _POLICY_HOOKS = ("hook_scores", "hook_keep")
 
-FORMAT_NAME = "interp_cache.recording"
+FORMAT_NAME = "interp_cache.analysis.recording"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "tensors.safetensors"
@@ -298,7 +298,7 @@ class Recording:
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Recording:
         """Read a recording written by `save`: the directory `path` holding two files.
 
-        - `manifest.json`: `format` ("interp_cache.recording"), `version` (1), `tensors_file`,
+        - `manifest.json`: `format` ("interp_cache.analysis.recording"), `version` (1), `tensors_file`,
           `tensors_bytes` and `tensors_sha256` (size and SHA-256 of the tensors file), `record_device`,
           `record_dtype`, `order` (hook names in model order), `tensors` (key -> dtype and shape) and
           `calls` (hook name -> list of {step, positions, is_padding, key_positions (or null),

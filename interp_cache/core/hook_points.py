@@ -15,7 +15,7 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 
 if TYPE_CHECKING:
-    from interp_cache.context import ForwardContext
+    from interp_cache.core.context import ForwardContext
 
 
 class HookShapeError(ValueError):

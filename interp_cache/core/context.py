@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from interp_cache.cache import HookedCache
+    from interp_cache.cache.hooked_cache import HookedCache
 
 
 @dataclass

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from interp_cache.cache import HookedCache
+from interp_cache.cache.hooked_cache import HookedCache
 
 if TYPE_CHECKING:
-    from interp_cache.hooked_model import HookedModel
+    from interp_cache.models.hooked_model import HookedModel
 
 
 class Stepper:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 import transformers as tf
 
-from interp_cache.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+from interp_cache.models.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 
 HIDDEN = 64
 LAYERS = 2

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from interp_cache.context import ForwardContext
-from interp_cache.hook_points import AttentionHooks, run_hook
+from interp_cache.core.context import ForwardContext
+from interp_cache.core.hook_points import AttentionHooks, run_hook
 
 
 def kv_to_query_heads(per_kv_head: torch.Tensor, num_heads: int) -> torch.Tensor:
