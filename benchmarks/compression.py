@@ -18,13 +18,13 @@ import time
 
 import torch
 
-from interp_cache.core.attention import AttentionSpec, attend
-from interp_cache.cache.hooked_cache import HookedCacheLayer
+from interp_cache.cache import HookedCacheLayer
 from interp_cache.compress import AdaKV, Quest, SnapKV
+from interp_cache.core.attention import AttentionSpec, attend
 from interp_cache.core.context import ForwardContext
 from interp_cache.core.hook_points import AttentionHooks, CacheHooks
+from interp_cache.decoding import Stepper
 from interp_cache.models.hooked_model import HookedModel
-from interp_cache.decoding.stepper import Stepper
 from interp_cache.models.tokenizer import ByteTokenizer
 from interp_cache.models.zoo import build_zoo_model
 
@@ -36,22 +36,18 @@ def decode_attention_seconds(num_tokens: int, policy, repeats: int) -> list[floa
     torch.manual_seed(0)
     spec = AttentionSpec(num_heads=HEADS, num_kv_heads=HEADS, head_dim=HEAD_DIM, scaling=HEAD_DIM**-0.5)
     layer = HookedCacheLayer(0, 1, policy)
+    cache_hooks, attn_hooks = CacheHooks(0, spec.head_dims), AttentionHooks(0, spec.head_dims, rotary=True, alibi=False)
     keys = torch.randn(1, HEADS, num_tokens, HEAD_DIM)
-    layer.append(keys, torch.randn_like(keys), torch.arange(num_tokens).expand(1, HEADS, num_tokens))
-    if policy is not None:
-        policy.after_write(layer, 0)
-    cache_hooks, attn_hooks = CacheHooks(0), AttentionHooks(0, rotary=True, alibi=False)
+    prefill = ForwardContext(0, torch.arange(num_tokens)[None], torch.zeros(1, num_tokens, dtype=torch.bool), False)
+    layer.write_and_read(keys, torch.randn_like(keys), prefill, cache_hooks, keys[:, :, :1], spec)
     times = []
     for step in range(repeats):
-        context = ForwardContext(
-            None, step + 1, torch.tensor([[num_tokens]]), torch.zeros(1, 1, dtype=torch.bool), False, True, []
-        )
+        context = ForwardContext(step + 1, torch.tensor([[num_tokens]]), torch.zeros(1, 1, dtype=torch.bool), False)
         query = torch.randn(1, HEADS, 1, HEAD_DIM)
         new_key = torch.randn(1, HEADS, 1, HEAD_DIM)
         start = time.perf_counter()
         read = layer.write_and_read(new_key, new_key, context, cache_hooks, query, spec)
-        attend(query, read.keys, read.values, read.positions, spec, context, attn_hooks,
-               cache_has_padding=read.has_hidden, heads_share_positions=not read.per_head_positions)
+        attend(query, read, spec, context, attn_hooks)
         times.append(time.perf_counter() - start)
         layer.truncate(num_tokens, num_tokens)  # the next repeat decodes from the same cache
     return times

@@ -7,22 +7,22 @@ import argparse
 import sys
 import time
 
+import torch
+
+from interp_cache.analysis.pictures import heatmap
+from interp_cache.compress.spec import parse_policy
+from interp_cache.models.loading import load
+from interp_cache.models.zoo import ZOO
+from interp_cache.verify import format_markdown, format_table, verify, write_json
+
 
 def _zoo(args) -> int:
-    from interp_cache.models.zoo import DESCRIPTIONS, ZOO
-
-    for family in ZOO:
-        print(f"zoo:{family:<14} {DESCRIPTIONS[family]}")
+    for name, family in ZOO.items():
+        print(f"zoo:{name:<14} {family.description}")
     return 0
 
 
 def _verify(args) -> int:
-    import torch
-
-    import interp_cache as ic
-    from interp_cache.verify.checks import format_markdown, format_table, verify, write_json
-    from interp_cache.models.zoo import ZOO
-
     names = [f"zoo:{family}" for family in ZOO] if args.all else (args.model or [])
     if not names:
         print("interp-cache verify: name models with --model M (repeatable) or use --all", file=sys.stderr)
@@ -32,7 +32,7 @@ def _verify(args) -> int:
     start = time.perf_counter()
     for name in names:
         try:
-            model = ic.load(name, dtype=dtype)
+            model = load(name, dtype=dtype)
             reports.append(verify(model, strict_upstream=args.strict_upstream, name=name.removeprefix("zoo:")))
         except Exception as error:  # one model failing to run must not stop the others
             errors.append(f"{name}: {type(error).__name__}: {error}")
@@ -51,13 +51,9 @@ def _verify(args) -> int:
 
 
 def _heatmap(args) -> int:
-    import interp_cache as ic
-    from interp_cache.compress.spec import parse_policy
-    from interp_cache.analysis.pictures import heatmap
-
     try:
         policy = None if args.compress is None else parse_policy(args.compress)
-        model = ic.load(args.model)
+        model = load(args.model)
         result = heatmap(model, args.prompt, args.max_new_tokens, args.layer, args.head, args.out, compress=policy)
     except ValueError as error:
         print(f"interp-cache heatmap: {error}", file=sys.stderr)

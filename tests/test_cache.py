@@ -7,11 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import hooked, padded_batch
-from interp_cache.cache.hooked_cache import HookedCacheLayer
+from interp_cache.cache import LayerStorage
 
 
 def test_growth_is_amortised_not_a_copy_per_step():
-    layer = HookedCacheLayer()
+    layer = LayerStorage()
     reallocations = 0
     storage = None
     for step in range(300):
@@ -28,8 +28,8 @@ def test_growth_is_amortised_not_a_copy_per_step():
 @settings(max_examples=25, deadline=None)
 @given(chunks=st.lists(st.integers(min_value=1, max_value=5), min_size=1, max_size=8))
 def test_any_chunking_stores_the_same_entries(chunks):
-    full = HookedCacheLayer()
-    chunked = HookedCacheLayer()
+    full = LayerStorage()
+    chunked = LayerStorage()
     total = sum(chunks)
     keys = torch.randn(2, 3, total, 4)
     positions = torch.arange(total).expand(2, 3, total)
@@ -69,7 +69,7 @@ def test_nbytes_counts_every_tensor():
         model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
     expected = 0
     for layer in cache.layers:
-        for tensor in (layer.keys, layer.values, layer.positions):
+        for tensor in (layer.storage.keys, layer.storage.values, layer.storage.positions):
             expected += tensor.untyped_storage().nbytes()
     expected += cache.next_position.untyped_storage().nbytes()
     assert cache.nbytes == expected > 0

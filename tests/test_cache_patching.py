@@ -79,7 +79,7 @@ def test_cache_patching_works_on_a_head_wise_compressed_cache_llama():
     stored = stepper.cache.kept_positions(0)[0, 0]
     target = int(stored[stored >= 0][0])
     assert stepper.cache.delete_entries(0, positions=[target], heads=[0], rows=[0]) == 1
-    assert stepper.cache.layers[0].prefix is not None  # heads now hold unequal counts, stored compactly
+    assert stepper.cache.layers[0].storage.prefix is not None  # heads now hold unequal counts, stored compactly
     counts = stepper.cache.kept_counts()[0]
     assert int(counts[0, 0]) == int(counts[0, 1]) - 1
     keys, values, positions = stepper.cache.read_entries(0)

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import hooked, padded_batch
-from interp_cache.cache.hooked_cache import HookedCacheLayer
+from interp_cache.cache import HookedCacheLayer
 from interp_cache.compress import H2O, AdaKV, KNorm, PyramidKV, Quest, Random, SnapKV, StreamingLLM
+from interp_cache.core.attention import AttentionSpec
 from interp_cache.core.context import ForwardContext
 from interp_cache.core.hook_points import CacheHooks
 from interp_cache.decoding.stepper import Stepper
@@ -229,13 +230,13 @@ def test_pyramidkv_layer_budgets_fall_linearly_as_computed_by_hand():
 def test_adakv_splits_a_layer_budget_across_heads_by_global_top_k():
     scores = torch.tensor([[[9.0, 8.0, 7.0, 6.0, 5.0, 4.0], [1.0, 0.5, 0.2, 0.1, 0.0, -1.0]]])
     # alpha 0: the 2 * 3 best scores of the layer are all head 0's.
-    keep = AdaKV(alpha=0.0).select(scores, 3)
+    keep = AdaKV(alpha=0.0).choose_keep(scores, 3)
     assert keep[0, 0].tolist() == [0, 1, 2, 3, 4, 5] and keep[0, 1].tolist() == [-1] * 6
     # alpha 2/3: each head is guaranteed int(2/3 * 3) = 2 of its own best, the other 2 go to the best left.
-    keep = AdaKV(alpha=2 / 3).select(scores, 3)
+    keep = AdaKV(alpha=2 / 3).choose_keep(scores, 3)
     assert keep[0, 0].tolist() == [0, 1, 2, 3] and keep[0, 1].tolist() == [0, 1, -1, -1]
     # alpha 1: uniform, every head its own top 3.
-    keep = AdaKV(alpha=1.0).select(scores, 3)
+    keep = AdaKV(alpha=1.0).choose_keep(scores, 3)
     assert keep[0, 0].tolist() == [0, 1, 2] and keep[0, 1].tolist() == [0, 1, 2]
 
 
@@ -248,7 +249,7 @@ def test_adakv_heads_keep_unequal_counts_stored_compactly_llama():
     g = model.runners[0].spec.num_kv_heads
     assert torch.equal(counts.sum(-1), torch.full((model.num_layers, 1), 12 * g))
     assert (counts.amax(-1) > counts.amin(-1)).any(), "all heads kept the same count"
-    assert all(layer.prefix is not None for layer in stepper.cache.layers)
+    assert all(layer.storage.prefix is not None for layer in stepper.cache.layers)
 
 
 def test_quest_reads_the_pages_with_the_highest_hand_computed_bound():
@@ -258,9 +259,6 @@ def test_quest_reads_the_pages_with_the_highest_hand_computed_bound():
     layer = HookedCacheLayer(0, 1, policy)
     keys = torch.randn(1, 1, page_size * num_pages - 1, d)  # the last page is partial
     n = keys.shape[2]
-    positions = torch.arange(n).view(1, 1, n)
-    layer.append(keys, keys, positions)
-    policy.after_write(layer, 0)
     query = torch.randn(1, 1, 1, d)
     bounds = []
     for page in range(num_pages):
@@ -269,10 +267,14 @@ def test_quest_reads_the_pages_with_the_highest_hand_computed_bound():
         bounds.append(sum(max(query[0, 0, 0, i] * lo[i], query[0, 0, 0, i] * hi[i]).item() for i in range(d)))
     best_other = sorted(range(num_pages - 1), key=lambda p: -bounds[p])[:2]
     expected_pages = sorted(best_other + [num_pages - 1])  # 12 // 4 = 3 pages, the newest always
-    context = ForwardContext(None, 1, torch.tensor([[n - 1]]), torch.zeros(1, 1, dtype=torch.bool), False, True, [])
-    spec = type("Spec", (), {"scaling": 1.0, "uses_alibi": False, "sliding_window": None})()
-    hooks = CacheHooks(0)
-    keys_read, _, positions_read, hidden = policy.select_for_read(layer, query, spec, context, hooks)
+    spec = AttentionSpec(num_heads=1, num_kv_heads=1, head_dim=d, scaling=1.0)
+    hooks = CacheHooks(0, spec.head_dims)
+    no_padding = torch.zeros(1, n - 1, dtype=torch.bool)
+    prefill = ForwardContext(0, torch.arange(n - 1).view(1, n - 1), no_padding, False)
+    layer.write_and_read(keys[:, :, :-1], keys[:, :, :-1], prefill, hooks, torch.randn(1, 1, n - 1, d), spec)
+    context = ForwardContext(1, torch.tensor([[n - 1]]), torch.zeros(1, 1, dtype=torch.bool), False)
+    read = layer.write_and_read(keys[:, :, -1:], keys[:, :, -1:], context, hooks, query, spec)
+    keys_read, positions_read, hidden = read.keys, read.positions, read.has_invisible_slots
     assert not hidden
     expected = [p * page_size + i for p in expected_pages for i in range(page_size)]
     assert positions_read[0, 0].tolist() == [p for p in expected if p < n]  # the read ends at the last entry

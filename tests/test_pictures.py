@@ -44,4 +44,4 @@ def test_heatmap_cli_rejects_bad_input_with_the_accepted_range(capsys):
     assert main(["heatmap", "--model", "zoo:gpt2", "--prompt", "Hi", "--layer", "5", "--out", "x.png"]) == 2
     assert "layer must be in [0, 2)" in capsys.readouterr().err
     assert main(["heatmap", "--model", "zoo:gpt2", "--prompt", "Hi", "--compress", "lru:budget=4", "--out", "x.png"]) == 2
-    assert "accepted: streamingllm" in capsys.readouterr().err
+    assert "accepted: adakv, h2o, knorm, pyramidkv, quest, random, snapkv, streamingllm" in capsys.readouterr().err

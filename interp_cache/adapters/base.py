@@ -1,8 +1,12 @@
-"""What a family adapter is, and the one attention pipeline every adapter feeds.
+"""What a family is: an adapter that knows the family's attention, and the zoo model that exercises it.
 
 An adapter knows where a family keeps its layers, embeddings and attention weights, and how it forms
 q, k, v and the output projection. Everything after the projections -- hooks, rotary, the cache write
-and read, the attention core -- is `AttentionLayerRunner`, shared by all families.
+and read, the attention core -- is `AttentionLayerRunner` (`runner.py`), shared by all families.
+
+A module of this package declares its families in a module-level `FAMILIES` list of `Family` objects:
+the adapter, the transformers `model_type` it serves and the tiny zoo config beside it. The registry
+(`registry.py`) reads those lists; adding a family is one file.
 
 Adapters replace `forward` on the *instances* of the wrapped model's attention modules (never on their
 classes), so a second, unwrapped model of the same family in the process still computes the original.
@@ -11,27 +15,23 @@ classes), so a second, unwrapped model of the same family in the process still c
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from interp_cache.core.attention import AttentionSpec, attend
-from interp_cache.core.hook_points import BlockHooks, run_hook
+from interp_cache.core.attention import AttentionSpec
 
-if TYPE_CHECKING:
-    from interp_cache.core.context import ForwardContext
+LayerRunner = Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]  # hidden states, call kwargs -> attention out
 
 
 class FamilyAdapter:
     family: str = ""
-    model_types: tuple[str, ...] = ()
     rotary: bool = False
     alibi: bool = False
     learned_positions: bool = False
-
-    def matches(self, config) -> bool:
-        return config.model_type in self.model_types
 
     # -- where things are -----------------------------------------------------------------------------
     def decoder_layers(self, hf_model: nn.Module) -> list[nn.Module]:
@@ -67,60 +67,49 @@ class FamilyAdapter:
     def project_out(self, module: nn.Module, z_bphd: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def make_forward(self, module: nn.Module, runner: "AttentionLayerRunner") -> Callable:
+    def make_forward(self, module: nn.Module, runner: LayerRunner) -> Callable:
         """The replacement `forward`: accept the family's call signature, return what its layer expects."""
         raise NotImplementedError
 
 
-class AttentionLayerRunner:
-    """One layer's hooked attention: projections -> hooks -> rotary -> cache -> core -> output."""
 
-    def __init__(
-        self,
-        adapter: FamilyAdapter,
-        module: nn.Module,
-        layer_idx: int,
-        spec: AttentionSpec,
-        block_hooks: BlockHooks,
-        context_source: Callable[[], "ForwardContext"],
-    ):
-        self.adapter = adapter
-        self.module = module
-        self.layer_idx = layer_idx
-        self.spec = spec
-        self.hooks = block_hooks
-        self.context_source = context_source
-        self.force_explicit = False
 
-    def __call__(self, hidden_states: torch.Tensor, call_kwargs: dict[str, Any]) -> torch.Tensor:
-        context = self.context_source()
-        adapter, module, attn_hooks = self.adapter, self.module, self.hooks.attn
-        q, k, v = adapter.project_qkv(module, hidden_states, call_kwargs)
-        q = run_hook(attn_hooks.hook_q, q, context)
-        k = run_hook(attn_hooks.hook_k, k, context)
-        v = run_hook(attn_hooks.hook_v, v, context)
-        if adapter.rotary:
-            q, k = adapter.apply_rotary(module, q, k, call_kwargs)
-            q = run_hook(attn_hooks.hook_rot_q, q, context)
-            k = run_hook(attn_hooks.hook_rot_k, k, context)
-        cache_layer = context.cache.layers[self.layer_idx]
-        query_bhpd = q.transpose(1, 2)
-        read = cache_layer.write_and_read(
-            k.transpose(1, 2), v.transpose(1, 2), context, self.hooks.cache, query_bhpd, self.spec
-        )
-        z = attend(
-            query_bhpd,
-            read.keys,
-            read.values,
-            read.positions,
-            self.spec,
-            context,
-            attn_hooks,
-            cache_has_padding=cache_layer.has_padding or read.has_hidden,
-            heads_share_positions=not read.per_head_positions,
-            force_explicit=self.force_explicit,
-        )
-        if cache_layer.policy is not None:
-            cache_layer.after_attention(query_bhpd, read.keys, read.positions, self.spec, context, self.hooks.cache)
-        out = adapter.project_out(module, z)
-        return run_hook(self.hooks.hook_attn_out, out, context)
+@dataclass(frozen=True)
+class ZooShape:
+    """The size of a zoo model and the token ids of the tokenizer it is built for (`interp_cache.models.zoo`)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    max_positions: int
+    init_range: float
+    vocab_size: int
+    pad_token_id: int
+    bos_token_id: int
+    eos_token_id: int
+
+    def build(self, config_class, overrides: dict, **fields):
+        """`config_class` with the tokenizer's ids and a family's `fields`, `overrides` winning over both."""
+        ids = dict(vocab_size=self.vocab_size, pad_token_id=self.pad_token_id, bos_token_id=self.bos_token_id,
+                   eos_token_id=self.eos_token_id)
+        return config_class(**{**ids, **fields, **overrides})
+
+
+@dataclass(frozen=True)
+class Family:
+    """One supported family: its adapter, the configs it serves, and its zoo model."""
+
+    name: str
+    adapter: FamilyAdapter
+    model_type: str  # transformers' config.model_type
+    zoo_config: Callable[..., Any]  # zoo_config(shape: ZooShape, **overrides) -> a transformers config
+    description: str  # what the zoo model exercises, for `interp-cache zoo`
+    config_flag: tuple[str, bool] | None = None  # (attribute, value) when two families share a model_type
+
+    def serves(self, config) -> bool:
+        if getattr(config, "model_type", None) != self.model_type:
+            return False
+        if self.config_flag is None:
+            return True
+        attribute, value = self.config_flag
+        return bool(getattr(config, attribute, False)) == value

@@ -34,15 +34,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+import transformers as tf
 from transformers.models.bloom.modeling_bloom import dropout_add
 
-from interp_cache.adapters.base import AttentionLayerRunner, FamilyAdapter
+from interp_cache.adapters.base import Family, FamilyAdapter, LayerRunner, ZooShape
 from interp_cache.core.attention import AttentionSpec
 
 
 class BloomAdapter(FamilyAdapter):
     family = "bloom"
-    model_types = ("bloom",)
     rotary = False
     alibi = True
     learned_positions = False
@@ -98,7 +98,7 @@ class BloomAdapter(FamilyAdapter):
             return out
         return module.dense(context)
 
-    def make_forward(self, module: nn.Module, runner: AttentionLayerRunner):
+    def make_forward(self, module: nn.Module, runner: LayerRunner):
         def forward(hidden_states: torch.Tensor, residual: torch.Tensor, *args: Any, **kwargs: Any):
             attn_out = runner(hidden_states, {})
             return dropout_add(attn_out, residual, module.hidden_dropout, module.training), None
@@ -107,3 +107,11 @@ class BloomAdapter(FamilyAdapter):
 
 
 BLOOM = BloomAdapter()
+
+
+def _zoo_config(shape: ZooShape, **overrides):
+    return shape.build(tf.BloomConfig, overrides, hidden_size=shape.hidden, n_layer=shape.layers, n_head=shape.heads,
+                       initializer_range=shape.init_range)
+
+
+FAMILIES = [Family("bloom", BLOOM, "bloom", _zoo_config, "ALiBi, fused qkv")]

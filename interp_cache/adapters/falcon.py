@@ -51,24 +51,21 @@ from typing import Any
 
 import torch
 from torch import nn
+import transformers as tf
 from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
-from interp_cache.adapters.base import AttentionLayerRunner, FamilyAdapter
+from interp_cache.adapters.base import Family, FamilyAdapter, LayerRunner, ZooShape
 from interp_cache.core.attention import AttentionSpec
 from interp_cache.core.rotary import apply_half_split_rotary
 
 
 class FalconAdapter(FamilyAdapter):
-    model_types = ("falcon",)
     learned_positions = False
 
     def __init__(self, use_alibi: bool):
         self.alibi = use_alibi
         self.rotary = not use_alibi
         self.family = "falcon_alibi" if use_alibi else "falcon"
-
-    def matches(self, config) -> bool:
-        return config.model_type in self.model_types and bool(getattr(config, "alibi", False)) == self.alibi
 
     def decoder_layers(self, hf_model):
         return list(hf_model.transformer.h)
@@ -138,7 +135,7 @@ class FalconAdapter(FamilyAdapter):
         b, p = z_bphd.shape[:2]
         return module.dense(z_bphd.reshape(b, p, -1))
 
-    def make_forward(self, module: nn.Module, runner: AttentionLayerRunner):
+    def make_forward(self, module: nn.Module, runner: LayerRunner):
         def forward(
             hidden_states: torch.Tensor,
             alibi: torch.Tensor | None = None,
@@ -157,3 +154,24 @@ class FalconAdapter(FamilyAdapter):
 
 FALCON = FalconAdapter(use_alibi=False)
 FALCON_ALIBI = FalconAdapter(use_alibi=True)
+
+
+def _zoo_config(alibi: bool):
+    def make(shape: ZooShape, **overrides):
+        return shape.build(
+            tf.FalconConfig, overrides, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+            num_attention_heads=shape.heads, max_position_embeddings=shape.max_positions,
+            initializer_range=shape.init_range, alibi=alibi, new_decoder_architecture=False,
+            # Falcon-7B style (rotary): multi-query, parallel attention; Falcon-RW style (ALiBi): neither.
+            multi_query=not alibi, parallel_attn=not alibi, bias=alibi,
+        )
+
+    return make
+
+
+FAMILIES = [
+    Family("falcon", FALCON, "falcon", _zoo_config(alibi=False), "rotary, multi-query, parallel attention",
+           config_flag=("alibi", False)),
+    Family("falcon_alibi", FALCON_ALIBI, "falcon", _zoo_config(alibi=True),
+           "ALiBi (Falcon-RW style), bfloat16 bias table", config_flag=("alibi", True)),
+]

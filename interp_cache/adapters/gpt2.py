@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 from torch import nn
+import transformers as tf
 
-from interp_cache.adapters.base import AttentionLayerRunner, FamilyAdapter
+from interp_cache.adapters.base import Family, FamilyAdapter, LayerRunner, ZooShape
 from interp_cache.core.attention import AttentionSpec
 
 
 class GPT2Adapter(FamilyAdapter):
     family = "gpt2"
-    model_types = ("gpt2",)
     rotary = False
     alibi = False
     learned_positions = True
@@ -69,7 +69,7 @@ class GPT2Adapter(FamilyAdapter):
         out = z_bphd.reshape(*z_bphd.shape[:-2], -1).contiguous()
         return module.resid_dropout(module.c_proj(out))
 
-    def make_forward(self, module: nn.Module, runner: AttentionLayerRunner):
+    def make_forward(self, module: nn.Module, runner: LayerRunner):
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
             if kwargs.get("encoder_hidden_states") is not None:
                 raise ValueError("gpt2: cross-attention (encoder_hidden_states) is not supported")
@@ -79,3 +79,11 @@ class GPT2Adapter(FamilyAdapter):
 
 
 GPT2 = GPT2Adapter()
+
+
+def _zoo_config(shape: ZooShape, **overrides):
+    return shape.build(tf.GPT2Config, overrides, n_embd=shape.hidden, n_layer=shape.layers, n_head=shape.heads,
+                       n_positions=shape.max_positions, initializer_range=shape.init_range)
+
+
+FAMILIES = [Family("gpt2", GPT2, "gpt2", _zoo_config, "learned absolute positions")]

@@ -15,15 +15,15 @@ from typing import Any
 
 import torch
 from torch import nn
+import transformers as tf
 
-from interp_cache.adapters.base import AttentionLayerRunner, FamilyAdapter
+from interp_cache.adapters.base import Family, FamilyAdapter, LayerRunner, ZooShape
 from interp_cache.core.attention import AttentionSpec
 from interp_cache.core.rotary import apply_half_split_rotary
 
 
 class GPTNeoXAdapter(FamilyAdapter):
     family = "gpt_neox"
-    model_types = ("gpt_neox",)
     rotary = True
     alibi = False
     learned_positions = False
@@ -60,7 +60,7 @@ class GPTNeoXAdapter(FamilyAdapter):
         b, p = z_bphd.shape[:2]
         return module.dense(z_bphd.reshape(b, p, -1).contiguous())
 
-    def make_forward(self, module: nn.Module, runner: AttentionLayerRunner):
+    def make_forward(self, module: nn.Module, runner: LayerRunner):
         def forward(
             hidden_states: torch.Tensor,
             attention_mask=None,
@@ -77,3 +77,15 @@ class GPTNeoXAdapter(FamilyAdapter):
 
 
 GPT_NEOX = GPTNeoXAdapter()
+
+
+def _zoo_config(shape: ZooShape, **overrides):
+    return shape.build(
+        tf.GPTNeoXConfig, overrides, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, intermediate_size=2 * shape.hidden, max_position_embeddings=shape.max_positions,
+        initializer_range=shape.init_range, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    )
+
+
+FAMILIES = [Family("gpt_neox", GPT_NEOX, "gpt_neox", _zoo_config, "partial rotary (25%), parallel residual")]

@@ -22,15 +22,15 @@ from typing import Any
 
 import torch
 from torch import nn
+import transformers as tf
 
-from interp_cache.adapters.base import AttentionLayerRunner, FamilyAdapter
+from interp_cache.adapters.base import Family, FamilyAdapter, LayerRunner, ZooShape
 from interp_cache.core.attention import AttentionSpec
 from interp_cache.core.rotary import apply_interleaved_rotary
 
 
 class GPTJAdapter(FamilyAdapter):
     family = "gptj"
-    model_types = ("gptj",)
     rotary = True
     alibi = False
     learned_positions = False
@@ -83,7 +83,7 @@ class GPTJAdapter(FamilyAdapter):
         out = module.out_proj(z_bphd.reshape(b, p, -1).contiguous())
         return module.resid_dropout(out)
 
-    def make_forward(self, module: nn.Module, runner: AttentionLayerRunner):
+    def make_forward(self, module: nn.Module, runner: LayerRunner):
         def forward(
             hidden_states: torch.Tensor,
             layer_past=None,
@@ -98,3 +98,13 @@ class GPTJAdapter(FamilyAdapter):
 
 
 GPTJ = GPTJAdapter()
+
+
+def _zoo_config(shape: ZooShape, **overrides):
+    return shape.build(
+        tf.GPTJConfig, overrides, n_embd=shape.hidden, n_layer=shape.layers, n_head=shape.heads, rotary_dim=8,
+        n_positions=shape.max_positions, initializer_range=shape.init_range, tie_word_embeddings=False,
+    )
+
+
+FAMILIES = [Family("gptj", GPTJ, "gptj", _zoo_config, "interleaved rotary on 8 of 16 channels")]

@@ -40,8 +40,9 @@ from typing import Any
 
 import torch
 from torch import nn
+import transformers as tf
 
-from interp_cache.adapters.base import AttentionLayerRunner, FamilyAdapter
+from interp_cache.adapters.base import Family, FamilyAdapter, LayerRunner, ZooShape
 from interp_cache.core.attention import AttentionSpec
 
 _DEFAULT_ALIBI_BIAS_MAX = 8  # what MptModel.forward uses whatever the config says
@@ -79,7 +80,6 @@ def _check_attn_config(attn_config) -> None:
 
 class MptAdapter(FamilyAdapter):
     family = "mpt"
-    model_types = ("mpt",)
     rotary = False
     alibi = True
     learned_positions = False
@@ -127,7 +127,7 @@ class MptAdapter(FamilyAdapter):
         b, p = z_bphd.shape[:2]
         return module.out_proj(z_bphd.reshape(b, p, -1))
 
-    def make_forward(self, module: nn.Module, runner: AttentionLayerRunner):
+    def make_forward(self, module: nn.Module, runner: LayerRunner):
         def forward(
             hidden_states: torch.Tensor,
             position_bias: torch.Tensor | None = None,
@@ -141,3 +141,14 @@ class MptAdapter(FamilyAdapter):
 
 
 MPT = MptAdapter()
+
+
+def _zoo_config(shape: ZooShape, **overrides):
+    return shape.build(
+        tf.MptConfig, overrides, d_model=shape.hidden, n_heads=shape.heads, n_layers=shape.layers, expansion_ratio=2,
+        max_seq_len=shape.max_positions, initializer_range=shape.init_range,
+        attn_config={"alibi": True, "alibi_bias_max": 8},
+    )
+
+
+FAMILIES = [Family("mpt", MPT, "mpt", _zoo_config, "ALiBi (alibi_bias_max 8)")]

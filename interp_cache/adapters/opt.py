@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 from torch import nn
+import transformers as tf
 
-from interp_cache.adapters.base import AttentionLayerRunner, FamilyAdapter
+from interp_cache.adapters.base import Family, FamilyAdapter, LayerRunner, ZooShape
 from interp_cache.core.attention import AttentionSpec
 
 
 class OPTAdapter(FamilyAdapter):
     family = "opt"
-    model_types = ("opt",)
     rotary = False
     alibi = False
     learned_positions = True
@@ -64,7 +64,7 @@ class OPTAdapter(FamilyAdapter):
         b, p = z_bphd.shape[:2]
         return module.out_proj(z_bphd.reshape(b, p, -1).contiguous())
 
-    def make_forward(self, module: nn.Module, runner: AttentionLayerRunner):
+    def make_forward(self, module: nn.Module, runner: LayerRunner):
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
             return runner(hidden_states, {}), None
 
@@ -72,3 +72,14 @@ class OPTAdapter(FamilyAdapter):
 
 
 OPT = OPTAdapter()
+
+
+def _zoo_config(shape: ZooShape, **overrides):
+    return shape.build(
+        tf.OPTConfig, overrides, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, ffn_dim=2 * shape.hidden, word_embed_proj_dim=shape.hidden,
+        max_position_embeddings=shape.max_positions, init_std=shape.init_range,
+    )
+
+
+FAMILIES = [Family("opt", OPT, "opt", _zoo_config, "learned positions with offset 2")]

@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import transformers as tf
 from torch import nn
 
-from interp_cache.adapters.base import AttentionLayerRunner, FamilyAdapter
+from interp_cache.adapters.base import Family, FamilyAdapter, LayerRunner, ZooShape
 from interp_cache.core.attention import AttentionSpec
 from interp_cache.core.rotary import apply_half_split_rotary
 
@@ -66,23 +67,54 @@ class RotaryInterfaceAdapter(FamilyAdapter):
         out_proj = module.dense if hasattr(module, "dense") else module.o_proj
         return out_proj(z_bphd.reshape(b, p, -1))
 
-    def make_forward(self, module: nn.Module, runner: AttentionLayerRunner):
+    def make_forward(self, module: nn.Module, runner: LayerRunner):
         def forward(hidden_states: torch.Tensor, position_embeddings=None, *args: Any, **kwargs: Any):
             return runner(hidden_states, {"position_embeddings": position_embeddings}), None
 
         return forward
 
 
-def _family(name: str, *model_types: str) -> RotaryInterfaceAdapter:
+def _llama_like(config_class, extra):
+    def make(shape: ZooShape, **overrides):
+        return shape.build(
+            config_class, overrides, hidden_size=shape.hidden, intermediate_size=2 * shape.hidden,
+            num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.heads // 2,
+            max_position_embeddings=shape.max_positions, initializer_range=shape.init_range, tie_word_embeddings=False,
+            **extra(shape),
+        )
+
+    return make
+
+
+def _phi_config(shape: ZooShape, **overrides):
+    return shape.build(
+        tf.PhiConfig, overrides, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, intermediate_size=2 * shape.hidden, max_position_embeddings=shape.max_positions,
+        initializer_range=shape.init_range, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    )
+
+
+def _family(name: str, zoo_config, description: str) -> Family:
     adapter = RotaryInterfaceAdapter()
     adapter.family = name
-    adapter.model_types = model_types
-    return adapter
+    return Family(name, adapter, name, zoo_config, description)
 
 
-LLAMA = _family("llama", "llama")
-MISTRAL = _family("mistral", "mistral")
-QWEN2 = _family("qwen2", "qwen2")
-QWEN3 = _family("qwen3", "qwen3")
-GEMMA2 = _family("gemma2", "gemma2")
-PHI = _family("phi", "phi")
+def _head_dim(shape: ZooShape) -> int:
+    return shape.hidden // shape.heads
+
+
+FAMILIES = [
+    _family("llama", _llama_like(tf.LlamaConfig, lambda shape: {}), "rotary, GQA 4 query / 2 KV heads"),
+    _family("mistral", _llama_like(tf.MistralConfig, lambda shape: {"sliding_window": 12}),
+            "rotary, GQA, sliding window 12"),
+    _family("qwen2", _llama_like(tf.Qwen2Config, lambda shape: {}), "rotary, GQA, q/k/v bias"),
+    _family("qwen3", _llama_like(tf.Qwen3Config, lambda shape: {"head_dim": _head_dim(shape)}),
+            "rotary, GQA, per-head q/k RMSNorm"),
+    _family("gemma2", _llama_like(tf.Gemma2Config, lambda shape: {
+        "head_dim": _head_dim(shape), "sliding_window": 12, "layer_types": ["sliding_attention", "full_attention"],
+        "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": _head_dim(shape),
+    }), "softcapping, sliding window 12 on even layers"),
+    _family("phi", _phi_config, "partial rotary (50%), dense output"),
+]

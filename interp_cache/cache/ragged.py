@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-PADDING_POSITION = -1
+from interp_cache.core.context import PADDING_POSITION
 
 
 @dataclass

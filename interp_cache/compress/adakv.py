@@ -14,28 +14,31 @@ from dataclasses import dataclass, field
 
 import torch
 
-from interp_cache.compress.base import EvictionPolicy, Observation
 from interp_cache.cache.ragged import keep_from_mask
-from interp_cache.compress.knorm import KNorm
-from interp_cache.compress.random_eviction import Random
+from interp_cache.compress.base import EvictionPolicy, Observation, scores_once
+from interp_cache.compress.registry import policy_classes
 from interp_cache.compress.snapkv import SnapKV
-
-_BASES = (SnapKV, KNorm, Random)  # PyramidKV is a SnapKV
 
 
 @dataclass
-class AdaKV(EvictionPolicy):
+class AdaKV(EvictionPolicy, name="adakv"):
     base: EvictionPolicy = field(default_factory=SnapKV)
     alpha: float = 0.2
 
+    wraps = "base"
+
     def __post_init__(self):
-        if not isinstance(self.base, _BASES):
+        if not scores_once(type(self.base)):
+            accepted = [cls.__name__ for cls in policy_classes() if scores_once(cls)]
             raise ValueError(
-                f"AdaKV base must be a one-shot scoring policy (SnapKV, PyramidKV, KNorm, Random); "
-                f"got {type(self.base).__name__}"
+                f"AdaKV base must be a one-shot scoring policy ({', '.join(accepted)}); got {type(self.base).__name__}"
             )
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"AdaKV alpha (the per-head safeguard fraction) must be in [0, 1]; got {self.alpha!r}")
+
+    @classmethod
+    def covering(cls, num_tokens):
+        return cls(SnapKV.covering(num_tokens))
 
     def compresses_now(self, context):
         return self.base.compresses_now(context)
@@ -46,7 +49,7 @@ class AdaKV(EvictionPolicy):
     def scores(self, obs: Observation, running_bgk):
         return self.base.scores(obs, running_bgk)
 
-    def select(self, scores_bgk: torch.Tensor, budget: int) -> torch.Tensor:
+    def choose_keep(self, scores_bgk: torch.Tensor, budget: int) -> torch.Tensor:
         b, g, k = scores_bgk.shape
         safe = int(self.alpha * budget)
         if safe:

@@ -1,37 +1,31 @@
-"""What a compression policy is, and the one decision loop every eviction policy shares.
+"""What a compression policy is: a registered dataclass of validated parameters plus its scoring.
 
-A policy is a small dataclass of parameters attached to a `HookedCache` (`model.new_cache(compress=...)`,
-`model.generate(..., compress=...)`). Each cache layer consults it at two points of every forward:
+A policy is attached to a `HookedCache` (`model.new_cache(compress=...)`, `model.generate(..., compress=...)`)
+and consulted by each cache layer through the contract in `interp_cache.cache.policy_interface`: it sees an
+`Observation` and returns scores (`propose_*`) and a choice (`choose_*`); the layer fires the hooks and
+carries the decision out.
 
-* after this forward's entries are written (`after_write`, `select_for_read`): a *selection* policy
-  (Quest) keeps everything and chooses which entries attention reads this step;
-* after attention (`decide_eviction`): an *eviction* policy scores the entries, fires
-  `blocks.{i}.cache.hook_scores` `[b, g, k]` and `hook_keep` `[b, g, n]` (indices into what attention
-  read; -1 pads heads that keep fewer), and the layer removes the rest when the forward completes.
-
-An eviction policy defines only `scores` (higher = keep) and, if it is not "top-k per head", `select`.
-Protected entries (sinks, the recent window) score +inf and padding -inf, so one top-k does the rest.
-A budget at or above the number of entries never touches the cache: the identity, bit for bit.
+An eviction policy defines only `layer_budget` and `scores` (higher = keep) and, if it is not "top-k per
+head", `choose_keep`. Protected entries (sinks, the recent window) score +inf and padding -inf, so one
+top-k does the rest. A budget at or above the number of entries never touches the cache: the identity, bit
+for bit -- and every registered policy says, in `covering`, how to build that identity instance, so the
+verifier checks it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
-from interp_cache.core.attention import AttentionSpec, attention_probabilities
-from interp_cache.core.hook_points import run_hook
-
-if TYPE_CHECKING:
-    from interp_cache.cache.hooked_cache import HookedCacheLayer
-    from interp_cache.core.context import ForwardContext
-    from interp_cache.core.hook_points import CacheHooks
+from interp_cache.cache.policy_interface import Observation, Proposal, ReadChoice
+from interp_cache.cache.storage import StoredEntries
+from interp_cache.compress.registry import policy_names, register
+from interp_cache.core.context import ForwardContext
 
 Budget = int | float
-_QUERY_CHUNK = 256  # queries per block when summing attention over a long prefill (bounds the [p, k] matrix)
 
 
 def check_budget(budget: Budget, name: str = "budget") -> None:
@@ -64,72 +58,63 @@ def top_per_head(scores_bgk: torch.Tensor, budget: int) -> torch.Tensor:
 def check_policy(policy, model) -> None:
     if not isinstance(policy, CompressionPolicy):
         raise ValueError(
-            "compress must be a policy from interp_cache.compress (StreamingLLM, H2O, SnapKV, PyramidKV, AdaKV, "
-            f"Quest, Random, KNorm) or None; got {type(policy).__name__}"
+            f"compress must be a policy from interp_cache.compress ({', '.join(policy_names())}) or None; "
+            f"got {type(policy).__name__}"
         )
     policy.check_model(model)
 
 
 @dataclass
-class Observation:
-    """What a layer's policy sees after attention: this forward's queries and the entries they read."""
-
-    layer: "HookedCacheLayer"
-    query_bhpd: torch.Tensor
-    keys_bgkd: torch.Tensor
-    positions_bgk: torch.Tensor
-    spec: AttentionSpec
-    context: "ForwardContext"
-
-    @property
-    def num_entries(self) -> int:
-        return self.positions_bgk.shape[-1]
-
-    def attention_received(self, last_queries: int | None = None) -> torch.Tensor:
-        """`[b, g, k]` float32: attention each entry received, summed over this forward's (last n) real
-        queries, averaged over the query heads that share the KV head (GQA)."""
-        p = self.context.num_new
-        first = 0 if last_queries is None else max(0, p - last_queries)
-        b, h = self.query_bhpd.shape[:2]
-        total_bhk = torch.zeros(b, h, self.num_entries, dtype=torch.float32, device=self.keys_bgkd.device)
-        for start in range(first, p, _QUERY_CHUNK):
-            stop = min(p, start + _QUERY_CHUNK)
-            probs_bhqk = attention_probabilities(
-                self.query_bhpd[:, :, start:stop], self.keys_bgkd, self.positions_bgk, self.spec,
-                self.context.positions[:, start:stop], p, first_query_index=start,
-            )
-            real_bq = ~self.context.is_padding[:, start:stop]
-            total_bhk += (probs_bhqk * real_bq[:, None, :, None]).sum(2)
-        g = self.keys_bgkd.shape[1]
-        return total_bhk.view(b, g, h // g, -1).mean(2)
-
-
-@dataclass
 class CompressionPolicy:
-    """Base of every policy. Subclasses are dataclasses of their parameters, validated in `__post_init__`."""
+    """Base of every policy. Subclasses are dataclasses of their parameters, validated in `__post_init__`,
+    and register under a spec name: `class SnapKV(EvictionPolicy, name="snapkv")`."""
 
     evicts_during_decoding: ClassVar[bool] = False  # False: compresses after multi-token forwards only
     keeps_entry_scores: ClassVar[bool] = False  # True: the cache keeps a running score per entry for it
+    wraps: ClassVar[str | None] = None  # the field holding another policy this one builds on (AdaKV: "base")
+    spec_name: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, name: str | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if name is None:
+            return
+        if getattr(cls.covering, "__func__", None) is CompressionPolicy.covering.__func__:
+            raise TypeError(f"policy {cls.__qualname__} must define covering(num_tokens), its identity instance")
+        cls.spec_name = name
+        register(name, cls)
+
+    @classmethod
+    def covering(cls, num_tokens: int) -> CompressionPolicy:
+        """An instance whose budget covers `num_tokens` entries in every layer from layer 0 on, so it must
+        change nothing, bit for bit (the verifier's `compression` row)."""
+        raise NotImplementedError
 
     def check_model(self, model) -> None:
         """Raise ValueError if this policy cannot serve `model` (a HookedModel)."""
         if not hasattr(model, "num_layers") or not hasattr(model, "family"):
             raise ValueError(f"{type(self).__name__} compresses a HookedModel's cache; got {type(model).__name__}")
 
-    def after_write(self, layer: "HookedCacheLayer", start: int) -> None:
-        """Entries were appended to `layer` from tail index `start` on."""
+    def track_writes(self, layer_idx: int, stored: StoredEntries, start: int, state: dict) -> None:
+        """Entries were written to the layer's tail from index `start` on (0 after an eviction or an edit)."""
 
-    def select_for_read(self, layer, query_bhpd, spec, context, hooks):
-        """Entries attention reads this forward `(keys, values, positions)`, or None to read them all."""
+    def propose_read(self, obs: Observation) -> Proposal | None:
+        """Scores of what a selecting read chooses from, or None to read every entry."""
         return None
 
-    def decide_eviction(self, layer, query_bhpd, keys_bgkd, positions_bgk, spec, context, hooks):
-        """`(keep [b, g, n] or None, running scores or None, budget)` to apply when the forward completes."""
+    def choose_read(self, scores: torch.Tensor, obs: Observation) -> ReadChoice:
+        raise NotImplementedError
+
+    def propose_eviction(self, obs: Observation) -> Proposal | None:
+        """Scores of the entries attention read, with the budget, or None to keep them all."""
         return None
+
+    def choose_keep(self, scores_bgk: torch.Tensor, budget: int) -> torch.Tensor:
+        """Indices `[b, g, n]` into the entries read (-1 pads heads that keep fewer)."""
+        return top_per_head(scores_bgk, budget)
 
 
 class EvictionPolicy(CompressionPolicy):
-    def compresses_now(self, context: "ForwardContext") -> bool:
+    def compresses_now(self, context: ForwardContext) -> bool:
         return self.evicts_during_decoding or context.num_new > 1
 
     def layer_budget(self, layer_idx: int, num_layers: int, num_entries: int) -> int:
@@ -144,37 +129,26 @@ class EvictionPolicy(CompressionPolicy):
         """Importance `[b, g, k]` of every entry read; higher is kept first."""
         raise NotImplementedError
 
-    def select(self, scores_bgk: torch.Tensor, budget: int) -> torch.Tensor:
-        return top_per_head(scores_bgk, budget)
-
-    def decide_eviction(
-        self,
-        layer: "HookedCacheLayer",
-        query_bhpd: torch.Tensor,
-        keys_bgkd: torch.Tensor,
-        positions_bgk: torch.Tensor,
-        spec: AttentionSpec,
-        context: "ForwardContext",
-        hooks: "CacheHooks",
-    ):
-        if not self.compresses_now(context):
+    def propose_eviction(self, obs: Observation) -> Proposal | None:
+        if not self.compresses_now(obs.context):
             return None
-        obs = Observation(layer, query_bhpd, keys_bgkd, positions_bgk, spec, context)
         running = self.running_scores(obs)
-        k = obs.num_entries
-        budget = self.layer_budget(layer.layer_idx, layer.num_layers, k)
-        if k <= budget:
-            return None if running is None else (None, running, None)
-        scores = self.scores(obs, running).masked_fill(positions_bgk < 0, -math.inf)
-        scores = run_hook(hooks.hook_scores, scores, context, key_positions=positions_bgk)
-        keep = self.select(scores, budget)
-        keep = run_hook(hooks.hook_keep, keep, context, key_positions=positions_bgk)
-        if bool(((keep < -1) | (keep >= k)).any()):
-            raise ValueError(
-                f"{hooks.hook_keep.name}: kept indices must be in [0, {k}) (or -1 for none); got "
-                f"{int(keep.min())}..{int(keep.max())}"
-            )
-        return keep, running, budget
+        budget = self.layer_budget(obs.layer_idx, obs.num_layers, obs.num_entries)
+        if obs.num_entries <= budget:
+            return None if running is None else Proposal(None, running_scores=running)
+        scores = self.scores(obs, running).masked_fill(obs.positions_bgk < 0, -math.inf)
+        return Proposal(scores, budget, running)
+
+
+def scores_once(policy_class: type) -> bool:
+    """An eviction policy that scores entries once, after a multi-token forward, with no running state: what
+    a head-wise composition (AdaKV) can take as its base."""
+    return (
+        issubclass(policy_class, EvictionPolicy)
+        and not policy_class.evicts_during_decoding
+        and not policy_class.keeps_entry_scores
+        and policy_class.wraps is None
+    )
 
 
 def protect_recent(scores_bgk: torch.Tensor, positions_bgk: torch.Tensor, recent: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from interp_cache.compress.base import EvictionPolicy, Observation, check_int, p
 
 
 @dataclass
-class H2O(EvictionPolicy):
+class H2O(EvictionPolicy, name="h2o"):
     heavy: int = 128
     recent: int = 128
 
@@ -26,11 +26,15 @@ class H2O(EvictionPolicy):
         if self.heavy + self.recent < 1:
             raise ValueError("H2O heavy + recent (the budget) must be >= 1; got 0")
 
+    @classmethod
+    def covering(cls, num_tokens):
+        return cls(heavy=num_tokens, recent=4)
+
     def layer_budget(self, layer_idx, num_layers, num_entries):
         return self.heavy + self.recent
 
     def running_scores(self, obs: Observation):
-        return obs.layer.read_entry_scores() + obs.attention_received()
+        return obs.entry_scores_bgk + obs.attention_received()
 
     def scores(self, obs: Observation, running_bgk):
         return protect_recent(running_bgk, obs.positions_bgk, self.recent)

@@ -11,11 +11,15 @@ from interp_cache.compress.base import Budget, EvictionPolicy, Observation, chec
 
 
 @dataclass
-class KNorm(EvictionPolicy):
+class KNorm(EvictionPolicy, name="knorm"):
     budget: Budget = 256
 
     def __post_init__(self):
         check_budget(self.budget, "KNorm budget")
+
+    @classmethod
+    def covering(cls, num_tokens):
+        return cls(budget=1.0)
 
     def layer_budget(self, layer_idx, num_layers, num_entries):
         return resolve_budget(self.budget, num_entries)

@@ -15,7 +15,7 @@ from interp_cache.compress.snapkv import SnapKV
 
 
 @dataclass
-class PyramidKV(SnapKV):
+class PyramidKV(SnapKV, name="pyramidkv"):
     beta: int = 20
 
     def __post_init__(self):

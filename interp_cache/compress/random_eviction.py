@@ -14,7 +14,7 @@ from interp_cache.compress.base import Budget, EvictionPolicy, Observation, chec
 
 
 @dataclass
-class Random(EvictionPolicy):
+class Random(EvictionPolicy, name="random"):
     budget: Budget = 256
     seed: int = 0
 
@@ -22,9 +22,13 @@ class Random(EvictionPolicy):
         check_budget(self.budget, "Random budget")
         check_int(self.seed, "Random seed", 0)
 
+    @classmethod
+    def covering(cls, num_tokens):
+        return cls(budget=num_tokens)
+
     def layer_budget(self, layer_idx, num_layers, num_entries):
         return resolve_budget(self.budget, num_entries)
 
     def scores(self, obs: Observation, running_bgk):
-        generator = torch.Generator().manual_seed(self.seed + 1_000_003 * obs.layer.layer_idx + obs.context.step)
+        generator = torch.Generator().manual_seed(self.seed + 1_000_003 * obs.layer_idx + obs.context.step)
         return torch.rand(obs.positions_bgk.shape, generator=generator).to(obs.positions_bgk.device)

@@ -18,7 +18,7 @@ from interp_cache.compress.base import Budget, EvictionPolicy, Observation, chec
 
 
 @dataclass
-class SnapKV(EvictionPolicy):
+class SnapKV(EvictionPolicy, name="snapkv"):
     budget: Budget = 256
     window: int = 32
     kernel: int = 7
@@ -38,6 +38,10 @@ class SnapKV(EvictionPolicy):
                 f"{name} window ({self.window}) must be smaller than the budget ({self.budget}): "
                 "the window is kept whole and the rest of the budget is chosen by score"
             )
+
+    @classmethod
+    def covering(cls, num_tokens):
+        return cls(budget=num_tokens + 1, window=1, kernel=3)
 
     def layer_budget(self, layer_idx, num_layers, num_entries):
         budget = resolve_budget(self.budget, num_entries)

@@ -5,27 +5,16 @@
     parse_policy("adakv:base=pyramidkv,budget=64") -> AdaKV(PyramidKV(budget=64))
     parse_policy("quest:budget=0.25,page_size=16") -> Quest(budget=0.25, page_size=16)
 
-Values are read as int, then float, else kept as text. AdaKV takes `base` and `alpha`; every other key
-goes to its base policy (SnapKV unless `base=` says otherwise).
+Names are those of the policy registry. Values are read as int, then float, else kept as text. A policy
+that builds on another (AdaKV) takes `base=NAME` (default: the base its dataclass defaults to) and its own
+parameters; every other key goes to its base.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import MISSING, fields
 
-from interp_cache.compress.adakv import AdaKV
-from interp_cache.compress.h2o import H2O
-from interp_cache.compress.knorm import KNorm
-from interp_cache.compress.pyramidkv import PyramidKV
-from interp_cache.compress.quest import Quest
-from interp_cache.compress.random_eviction import Random
-from interp_cache.compress.snapkv import SnapKV
-from interp_cache.compress.streaming_llm import StreamingLLM
-
-POLICIES = {
-    "streamingllm": StreamingLLM, "h2o": H2O, "snapkv": SnapKV, "pyramidkv": PyramidKV, "adakv": AdaKV,
-    "quest": Quest, "random": Random, "knorm": KNorm,
-}
+from interp_cache.compress.registry import policy_class
 
 
 def _value(text: str):
@@ -38,17 +27,23 @@ def _value(text: str):
 
 
 def _build(name: str, params: dict):
-    policy_class = POLICIES.get(name.lower())
-    if policy_class is None:
-        raise ValueError(f"unknown compression policy {name!r}; accepted: {', '.join(POLICIES)}")
-    accepted = {f.name for f in fields(policy_class)}
+    cls = policy_class(name)
+    accepted = {f.name for f in fields(cls)}
     unknown = set(params) - accepted
     if unknown:
         raise ValueError(f"{name} has no parameter {', '.join(sorted(unknown))}; accepted: {', '.join(sorted(accepted))}")
-    return policy_class(**params)
+    return cls(**params)
+
+
+def _default_base_name(cls) -> str:
+    wrapped = next(f for f in fields(cls) if f.name == cls.wraps)
+    default = wrapped.default_factory() if wrapped.default_factory is not MISSING else wrapped.default
+    return type(default).spec_name
 
 
 def parse_policy(spec: str):
+    if not isinstance(spec, str):
+        raise TypeError(f"a compression spec is text like 'snapkv:budget=64'; got {type(spec).__name__}")
     name, _, rest = spec.partition(":")
     params = {}
     for item in filter(None, rest.split(",")):
@@ -56,10 +51,12 @@ def parse_policy(spec: str):
         if not sep:
             raise ValueError(f"compression spec items are key=value; got {item!r} in {spec!r}")
         params[key.strip()] = _value(value.strip())
-    if name.lower() == "adakv":
-        base_name = str(params.pop("base", "snapkv"))
-        if base_name.lower() == "adakv":
-            raise ValueError("adakv base cannot be adakv")
-        adakv_params = {key: params.pop(key) for key in ("alpha",) if key in params}
-        return AdaKV(base=_build(base_name, params), **adakv_params)
-    return _build(name, params)
+    cls = policy_class(name)
+    if cls.wraps is None:
+        return _build(name, params)
+    base_name = str(params.pop(cls.wraps, _default_base_name(cls)))
+    if policy_class(base_name).wraps is not None:
+        raise ValueError(f"{name} base cannot be {base_name}: it builds on another policy itself")
+    own = {f.name for f in fields(cls)} - {cls.wraps}
+    own_params = {key: params.pop(key) for key in sorted(own) if key in params}
+    return cls(**{cls.wraps: _build(base_name, params)}, **own_params)

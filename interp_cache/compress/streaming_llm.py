@@ -14,7 +14,7 @@ from interp_cache.compress.base import EvictionPolicy, Observation, check_int
 
 
 @dataclass
-class StreamingLLM(EvictionPolicy):
+class StreamingLLM(EvictionPolicy, name="streamingllm"):
     sink: int = 4
     window: int = 252
 
@@ -23,6 +23,10 @@ class StreamingLLM(EvictionPolicy):
     def __post_init__(self):
         check_int(self.sink, "StreamingLLM sink", 0)
         check_int(self.window, "StreamingLLM window", 1)
+
+    @classmethod
+    def covering(cls, num_tokens):
+        return cls(sink=4, window=num_tokens)
 
     def layer_budget(self, layer_idx, num_layers, num_entries):
         return self.sink + self.window

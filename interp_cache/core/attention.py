@@ -19,12 +19,13 @@ call when either hook is attached (or when the family needs it: attention-logit 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from interp_cache.core.context import ForwardContext
-from interp_cache.core.hook_points import AttentionHooks, run_hook
+from interp_cache.core.hook_points import AttentionHooks, HeadDims, run_hook
 
 
 def kv_to_query_heads(per_kv_head: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -33,38 +34,26 @@ def kv_to_query_heads(per_kv_head: torch.Tensor, num_heads: int) -> torch.Tensor
     return per_kv_head if g == num_heads else per_kv_head.repeat_interleave(num_heads // g, dim=1)
 
 
-@dataclass(frozen=True)
-class StoredRows:
-    """Values `[b, g, k, d]` left in the cache's storage: rows `rows_bgk` of `storage_nd`, not yet copied.
+class ValuesInStorage(Protocol):
+    """Values `[b, g, k, d]` a cache read left in storage (a page-selecting read): see `interp_cache.cache`."""
 
-    A page-selecting read (Quest) hands values this way so a single-token decode step can mix them straight
-    from storage (`embedding_bag`), without first copying the selected rows out and reading them again.
-    """
+    dtype: torch.dtype
 
-    storage_nd: torch.Tensor
-    rows_bgk: torch.Tensor
+    def materialize(self) -> torch.Tensor: ...
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.storage_nd.dtype
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((*self.rows_bgk.shape, self.storage_nd.shape[-1]))
-
-    def materialize(self) -> torch.Tensor:
-        return self.storage_nd.index_select(0, self.rows_bgk.reshape(-1)).view(self.shape)
+    def mix(self, pattern_bhpk: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """`pattern @ values` `[b, h, 1, d]` for a single query per row, read straight from storage."""
+        ...
 
 
-def _mix_stored_rows(pattern_bhpk: torch.Tensor, values: StoredRows, num_heads: int) -> torch.Tensor:
-    """`pattern @ values` for p == 1 as one weighted bag of storage rows per query head: `[b, h, 1, d]`."""
-    b, g, k = values.rows_bgk.shape
-    rows_bhk = kv_to_query_heads(values.rows_bgk, num_heads)
-    offsets = torch.arange(0, b * num_heads * k, k, device=rows_bhk.device)
-    mixed = F.embedding_bag(
-        rows_bhk.reshape(-1), values.storage_nd, offsets, mode="sum", per_sample_weights=pattern_bhpk.reshape(-1)
-    )
-    return mixed.view(b, num_heads, 1, -1)
+class CacheRead(NamedTuple):
+    """What attention reads from a cache layer this forward."""
+
+    keys: torch.Tensor  # [b, g, k, d]
+    values: torch.Tensor | ValuesInStorage  # [b, g, k, d], or rows still in storage
+    positions: torch.Tensor  # [b, g, k] true positions, -1: nothing to attend
+    heads_share_positions: bool  # every head (and layer) reads the same positions: one mask serves all
+    has_invisible_slots: bool  # some slot is -1 (padding, head-wise holes, a hidden slot): masks are needed
 
 
 @dataclass(frozen=True)
@@ -83,6 +72,10 @@ class AttentionSpec:
     @property
     def uses_alibi(self) -> bool:
         return self.alibi_slopes is not None
+
+    @property
+    def head_dims(self) -> HeadDims:
+        return HeadDims(self.num_heads, self.num_kv_heads, self.head_dim, self.score_dtype)
 
 
 def alibi_bias(spec: AttentionSpec, key_positions_bgk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -176,96 +169,91 @@ def attention_probabilities(
     return torch.softmax(scores, dim=-1, dtype=torch.float32)
 
 
-def _needs_mask(context: ForwardContext, key_positions_bgk: torch.Tensor, sliding_window: int | None, has_padding: bool):
-    if has_padding:
-        return True
-    if sliding_window is not None:
-        span = context.positions.max() - key_positions_bgk.min()
-        if span >= sliding_window:
-            return True
-    return False
+def _window_reaches_out(context: ForwardContext, key_positions_bgk: torch.Tensor, sliding_window: int | None) -> bool:
+    return sliding_window is not None and bool(context.positions.max() - key_positions_bgk.min() >= sliding_window)
+
+
+def _visibility(read: CacheRead, spec: AttentionSpec, context: ForwardContext, explicit: bool, has_bias: bool):
+    """The boolean mask `[b, 1 or h, p, k]` this read needs, or None where SDPA's own causality suffices."""
+    p, k = context.num_new, read.keys.shape[2]
+    masked = read.has_invisible_slots or _window_reaches_out(context, read.positions, spec.sliding_window)
+    if not (masked or (p > 1 and (explicit or k != p or has_bias))):
+        return None
+    # Layers whose heads share key positions (no head-wise eviction) share one mask per forward.
+    memo_key = (spec.sliding_window, k) if read.heads_share_positions else None
+    visible = context.mask_memo.get(memo_key) if memo_key else None
+    if visible is None:
+        mask_positions = read.positions[:, :1] if read.heads_share_positions else read.positions
+        visible = visibility_mask(context.positions, mask_positions, p, spec.sliding_window)
+        if visible.shape[1] != 1:  # one mask per KV head; a shared one broadcasts over heads as it is
+            visible = kv_to_query_heads(visible, spec.num_heads)
+        if memo_key:
+            context.mask_memo[memo_key] = visible
+    return visible
+
+
+def _additive_mask(visible, bias, dtype: torch.dtype, p: int) -> tuple[torch.Tensor | None, bool]:
+    """`(attn_mask, is_causal)` for SDPA: the mask as 0 / dtype minimum plus the ALiBi bias."""
+    if visible is not None:
+        attn_mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+        attn_mask.masked_fill_(~visible, torch.finfo(dtype).min)
+        return (attn_mask if bias is None else attn_mask + bias), False
+    if bias is not None:
+        return bias, False
+    return None, p > 1  # causal: one forward over an empty cache, no padding (k == p)
+
+
+def _explicit(query_bhpd, keys_bgkd, values_bgkd, read, spec, context, hooks, bias, visible) -> torch.Tensor:
+    """Scores and pattern formed, so `hook_attn_scores` / `hook_pattern` can read or replace them."""
+    b, h, p, _ = query_bhpd.shape
+    g, k = spec.num_kv_heads, keys_bgkd.shape[2]
+    scores = masked_scores(query_bhpd, keys_bgkd, spec, bias, visible)
+    scores = run_hook(hooks.hook_attn_scores, scores, context, key_positions=read.positions)
+    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values_bgkd.dtype)
+    pattern = run_hook(hooks.hook_pattern, pattern, context, key_positions=read.positions)
+    pattern_bgrpk = pattern.view(b, g, h // g, p, k)
+    return torch.matmul(pattern_bgrpk, values_bgkd[:, :, None]).view(b, h, p, -1)
 
 
 def attend(
     query_bhpd: torch.Tensor,
-    keys_bgkd: torch.Tensor,
-    values_bgkd: torch.Tensor,
-    key_positions_bgk: torch.Tensor,
+    read: CacheRead,
     spec: AttentionSpec,
     context: ForwardContext,
     hooks: AttentionHooks,
-    cache_has_padding: bool,
-    heads_share_positions: bool = True,
     force_explicit: bool = False,
 ) -> torch.Tensor:
-    """Attention output z `[b, p, h, d]` (before the output projection)."""
-    value_dtype = values_bgkd.dtype
-    stored_rows = values_bgkd if isinstance(values_bgkd, StoredRows) else None
+    """Attention output z `[b, p, h, d]` (before the output projection).
+
+    Three ways to the same function: the explicit path (scores and pattern formed, for their hooks and for
+    softcapping), a single query mixing values still in storage, and SDPA.
+    """
+    keys_bgkd, values = read.keys, read.values
+    explicit = force_explicit or spec.softcap is not None or hooks.needs_explicit_scores()
     if spec.score_dtype is not None and query_bhpd.dtype != spec.score_dtype:
         query_bhpd, keys_bgkd = query_bhpd.to(spec.score_dtype), keys_bgkd.to(spec.score_dtype)
-        force_explicit = True
-    dtype = query_bhpd.dtype
-    p = query_bhpd.shape[2]
-    k = keys_bgkd.shape[2]
-    min_value = torch.finfo(dtype).min
-
+        explicit = True
+    dtype, p = query_bhpd.dtype, query_bhpd.shape[2]
     bias = None
     if spec.uses_alibi:
-        bias = alibi_bias(spec, key_positions_bgk, dtype).expand(-1, -1, p, -1)
-        bias = run_hook(hooks.hook_pos_bias, bias, context, key_positions=key_positions_bgk)
-
-    explicit = force_explicit or spec.softcap is not None or hooks.needs_explicit_scores()
-    if stored_rows is not None and (explicit or p != 1 or value_dtype != torch.float32):
-        values_bgkd = stored_rows.materialize()
-        stored_rows = None
-    masked = _needs_mask(context, key_positions_bgk, spec.sliding_window, cache_has_padding)
-    visible = None
-    if masked or (p > 1 and (explicit or k != p or bias is not None)):
-        # Layers whose heads share key positions (no head-wise eviction) share one mask per forward.
-        memo_key = (spec.sliding_window, k) if heads_share_positions else None
-        visible = context.mask_memo.get(memo_key) if memo_key else None
-        if visible is None:
-            mask_positions = key_positions_bgk[:, :1] if heads_share_positions else key_positions_bgk
-            visible = visibility_mask(context.positions, mask_positions, p, spec.sliding_window)
-            if visible.shape[1] != 1:  # one mask per KV head; a shared one broadcasts over heads as it is
-                visible = kv_to_query_heads(visible, spec.num_heads)
-            if memo_key:
-                context.mask_memo[memo_key] = visible
-    if not explicit:
-        attn_mask = None
-        is_causal = False
-        if visible is not None:
-            attn_mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, min_value)
-            if bias is not None:
-                attn_mask = attn_mask + bias
-        elif bias is not None:
-            attn_mask = bias
-        elif p > 1:
-            is_causal = True  # k == p here: one forward over an empty cache, no padding
-        if stored_rows is not None:
+        bias = alibi_bias(spec, read.positions, dtype).expand(-1, -1, p, -1)
+        bias = run_hook(hooks.hook_pos_bias, bias, context, key_positions=read.positions)
+    in_storage = not isinstance(values, torch.Tensor)
+    if in_storage and (explicit or p != 1 or values.dtype != torch.float32):
+        values, in_storage = values.materialize(), False
+    visible = _visibility(read, spec, context, explicit, bias is not None)
+    if explicit:
+        z_bhpd = _explicit(query_bhpd, keys_bgkd, values, read, spec, context, hooks, bias, visible)
+    else:
+        attn_mask, is_causal = _additive_mask(visible, bias, dtype, p)
+        if in_storage:
             scores = masked_scores(query_bhpd, keys_bgkd, spec, None, None)
             if attn_mask is not None:
                 scores = scores + attn_mask
-            pattern = torch.softmax(scores, dim=-1)
-            return run_hook(hooks.hook_z, _mix_stored_rows(pattern, stored_rows, spec.num_heads).transpose(1, 2), context)
-        z_bhpd = F.scaled_dot_product_attention(
-            query_bhpd,
-            keys_bgkd,
-            values_bgkd,
-            attn_mask=attn_mask,
-            is_causal=is_causal,
-            scale=spec.scaling,
-            enable_gqa=spec.num_heads != spec.num_kv_heads,
-        )
-    else:
-        b, h = query_bhpd.shape[:2]
-        g = spec.num_kv_heads
-        scores = masked_scores(query_bhpd, keys_bgkd, spec, bias, visible)
-        scores = run_hook(hooks.hook_attn_scores, scores, context, key_positions=key_positions_bgk)
-        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value_dtype)
-        pattern = run_hook(hooks.hook_pattern, pattern, context, key_positions=key_positions_bgk)
-        pattern_bgrpk = pattern.view(b, g, h // g, p, k)
-        z_bhpd = torch.matmul(pattern_bgrpk, values_bgkd[:, :, None]).view(b, h, p, -1)
-
-    z_bphd = z_bhpd.transpose(1, 2)
-    return run_hook(hooks.hook_z, z_bphd, context)
+            z_bhpd = values.mix(torch.softmax(scores, dim=-1), spec.num_heads)
+        else:
+            z_bhpd = F.scaled_dot_product_attention(
+                query_bhpd, keys_bgkd, values, attn_mask=attn_mask, is_causal=is_causal, scale=spec.scaling,
+                enable_gqa=spec.num_heads != spec.num_kv_heads,
+            )
+    return run_hook(hooks.hook_z, z_bhpd.transpose(1, 2), context)

@@ -1,21 +1,22 @@
-"""Hook points and the containers that give them their canonical names.
+"""Hook points and the containers that give them their canonical names and layouts.
 
 A hook point is TransformerLens' `HookPoint`: an identity module a hook function can read or replace.
 What this module adds is the contract around calling one: a point nobody hooks costs one dict lookup,
-each call tells the hook which decode step and which absolute positions it covers, and a replacement
-of the wrong shape or dtype is an error that names the hook.
+each call tells the hook which decode step and which absolute positions it covers, a replacement
+of the wrong shape or dtype is an error that names the hook, and every point carries its `HookLayout`
+(kind, axes, sizes), declared here where the point is created.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
-if TYPE_CHECKING:
-    from interp_cache.core.context import ForwardContext
+from interp_cache.core.context import ForwardContext
+from interp_cache.core.hook_layout import HookKind, HookLayout
 
 
 class HookShapeError(ValueError):
@@ -23,17 +24,20 @@ class HookShapeError(ValueError):
 
 
 class CachedDecodingHookPoint(HookPoint):
-    """A `HookPoint` that knows where in cached decoding it is being called.
+    """A `HookPoint` that knows its layout and where in cached decoding it is being called.
 
-    During a call, `hook.step` is the decode step (0 is the first forward on a cache, usually the
+    `hook.layout` is the activation's `HookLayout` and `hook.layer_idx` the layer (None outside the
+    blocks). During a call, `hook.step` is the decode step (0 is the first forward on a cache, usually the
     prefill), `hook.positions` the true absolute positions `[b, p]` of the tokens of this forward,
-    `hook.is_padding` `[b, p]` which of them are padding,
-    `hook.key_positions` the positions `[b, g, k]` of the cache entries attention reads (cache and
-    attention hooks only) and `hook.layer_idx` the layer (None outside the blocks).
+    `hook.is_padding` `[b, p]` which of them are padding, and `hook.key_positions` the positions
+    `[b, g, k]` of the cache entries attention reads (cache and attention hooks only).
     """
 
-    def __init__(self, layer_idx: int | None = None):
+    def __init__(self, layout: HookLayout, layer_idx: int | None = None):
         super().__init__()
+        if not isinstance(layout, HookLayout):
+            raise TypeError(f"a hook point needs a HookLayout; got {type(layout).__name__}")
+        self.layout = layout
         self.layer_idx = layer_idx
         self.step: int | None = None
         self.positions: torch.Tensor | None = None
@@ -47,12 +51,16 @@ class CachedDecodingHookPoint(HookPoint):
 def run_hook(
     point: CachedDecodingHookPoint,
     activation: torch.Tensor,
-    context: "ForwardContext",
+    context: ForwardContext,
     key_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pass `activation` through `point`; free when nothing is attached."""
     if not point._forward_hooks:
         return activation
+    if activation.ndim != len(point.layout.axes):
+        raise RuntimeError(
+            f"{point.name!r} declares axes {point.layout.axes} but was called with shape {tuple(activation.shape)}"
+        )
     point.step = context.step
     point.positions = context.positions
     point.is_padding = context.is_padding
@@ -66,6 +74,24 @@ def run_hook(
             f"expected shape {tuple(activation.shape)} dtype {activation.dtype} (the activation it replaces)"
         )
     return result
+
+
+@dataclass(frozen=True)
+class HeadDims:
+    """The sizes a layer's attention and cache hooks declare: query heads, KV heads, head dim, score dtype."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    score_dtype: torch.dtype | None = None  # scores and ALiBi bias formed in this dtype (GPT-J: float32)
+
+
+def token_layout(width: int, dtype: torch.dtype | None = None) -> HookLayout:
+    """`[b, p, width]`: the residual stream, embeddings, attention output."""
+    return HookLayout.of(HookKind.TOKENS, dtype, batch=None, token=None, model=width)
+
+
+POSITION_IDS_LAYOUT = HookLayout.of(HookKind.TOKENS, torch.long, "positions", batch=None, token=None)
 
 
 class _HookContainer(nn.Module):
@@ -83,19 +109,24 @@ class _HookContainer(nn.Module):
 class AttentionHooks(_HookContainer):
     """`blocks.{i}.attn.*`: projections, positional encoding, scores, pattern and z."""
 
-    def __init__(self, layer_idx: int, rotary: bool, alibi: bool):
+    def __init__(self, layer_idx: int, heads: HeadDims, rotary: bool, alibi: bool):
         super().__init__()
-        self.hook_q = CachedDecodingHookPoint(layer_idx)
-        self.hook_k = CachedDecodingHookPoint(layer_idx)
-        self.hook_v = CachedDecodingHookPoint(layer_idx)
+        h, g, d = heads.num_heads, heads.num_kv_heads, heads.head_dim
+        query = HookLayout.of(HookKind.TOKENS, batch=None, token=None, head=h, channel=d)
+        key_value = HookLayout.of(HookKind.TOKENS, batch=None, token=None, kv_head=g, channel=d)
+        scores = HookLayout.of(HookKind.KEYED, heads.score_dtype, batch=None, head=h, token=None, entry=None)
+        self.hook_q = CachedDecodingHookPoint(query, layer_idx)
+        self.hook_k = CachedDecodingHookPoint(key_value, layer_idx)
+        self.hook_v = CachedDecodingHookPoint(key_value, layer_idx)
         if rotary:
-            self.hook_rot_q = CachedDecodingHookPoint(layer_idx)
-            self.hook_rot_k = CachedDecodingHookPoint(layer_idx)
+            self.hook_rot_q = CachedDecodingHookPoint(query, layer_idx)
+            self.hook_rot_k = CachedDecodingHookPoint(key_value, layer_idx)
         if alibi:
-            self.hook_pos_bias = CachedDecodingHookPoint(layer_idx)
-        self.hook_attn_scores = CachedDecodingHookPoint(layer_idx)
-        self.hook_pattern = CachedDecodingHookPoint(layer_idx)
-        self.hook_z = CachedDecodingHookPoint(layer_idx)
+            self.hook_pos_bias = CachedDecodingHookPoint(scores, layer_idx)
+        self.hook_attn_scores = CachedDecodingHookPoint(scores, layer_idx)
+        pattern = HookLayout.of(HookKind.KEYED, batch=None, head=h, token=None, entry=None)
+        self.hook_pattern = CachedDecodingHookPoint(pattern, layer_idx)
+        self.hook_z = CachedDecodingHookPoint(query, layer_idx)
         self._mirror_submodules()
 
     def needs_explicit_scores(self) -> bool:
@@ -106,26 +137,33 @@ class AttentionHooks(_HookContainer):
 class CacheHooks(_HookContainer):
     """`blocks.{i}.cache.*`: what is written to, kept in and read from the layer's KV cache."""
 
-    def __init__(self, layer_idx: int):
+    def __init__(self, layer_idx: int, heads: HeadDims):
         super().__init__()
-        self.hook_k_write = CachedDecodingHookPoint(layer_idx)
-        self.hook_v_write = CachedDecodingHookPoint(layer_idx)
-        self.hook_scores = CachedDecodingHookPoint(layer_idx)
-        self.hook_keep = CachedDecodingHookPoint(layer_idx)
-        self.hook_k_read = CachedDecodingHookPoint(layer_idx)
-        self.hook_v_read = CachedDecodingHookPoint(layer_idx)
-        self.hook_positions = CachedDecodingHookPoint(layer_idx)
+        g, d = heads.num_kv_heads, heads.head_dim
+        written = HookLayout.of(HookKind.TOKENS, batch=None, kv_head=g, token=None, channel=d)
+        read = HookLayout.of(HookKind.ENTRIES, batch=None, kv_head=g, entry=None, channel=d)
+        self.hook_k_write = CachedDecodingHookPoint(written, layer_idx)
+        self.hook_v_write = CachedDecodingHookPoint(written, layer_idx)
+        self.hook_scores = CachedDecodingHookPoint(
+            HookLayout.of(HookKind.POLICY, batch=None, kv_head=g, choice=None), layer_idx)
+        self.hook_keep = CachedDecodingHookPoint(
+            HookLayout.of(HookKind.POLICY, torch.long, batch=None, kv_head=g, choice=None), layer_idx)
+        self.hook_k_read = CachedDecodingHookPoint(read, layer_idx)
+        self.hook_v_read = CachedDecodingHookPoint(read, layer_idx)
+        self.hook_positions = CachedDecodingHookPoint(
+            HookLayout.of(HookKind.ENTRIES, torch.long, "key_positions", batch=None, kv_head=g, entry=None), layer_idx)
         self._mirror_submodules()
 
 
 class BlockHooks(_HookContainer):
     """`blocks.{i}.*`: the residual stream around layer i, its attention and its cache."""
 
-    def __init__(self, layer_idx: int, rotary: bool, alibi: bool):
+    def __init__(self, layer_idx: int, heads: HeadDims, hidden_size: int, rotary: bool, alibi: bool):
         super().__init__()
-        self.hook_resid_pre = CachedDecodingHookPoint(layer_idx)
-        self.attn = AttentionHooks(layer_idx, rotary=rotary, alibi=alibi)
-        self.cache = CacheHooks(layer_idx)
-        self.hook_attn_out = CachedDecodingHookPoint(layer_idx)
-        self.hook_resid_post = CachedDecodingHookPoint(layer_idx)
+        residual = token_layout(hidden_size)
+        self.hook_resid_pre = CachedDecodingHookPoint(residual, layer_idx)
+        self.attn = AttentionHooks(layer_idx, heads, rotary=rotary, alibi=alibi)
+        self.cache = CacheHooks(layer_idx, heads)
+        self.hook_attn_out = CachedDecodingHookPoint(residual, layer_idx)
+        self.hook_resid_post = CachedDecodingHookPoint(residual, layer_idx)
         self._mirror_submodules()

@@ -8,12 +8,9 @@ the arguments it is handed, supplies the cache and tokenizer, and nothing else.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from interp_cache.models.hooked_model import HookedModel
 
 
 def validate_generation_kwargs(input_ids: torch.Tensor, kwargs: dict[str, Any]) -> None:
@@ -43,7 +40,7 @@ def validate_generation_kwargs(input_ids: torch.Tensor, kwargs: dict[str, Any]) 
 
 
 def generate(
-    model: "HookedModel",
+    model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     **kwargs: Any,

@@ -13,18 +13,13 @@ cache's count of real tokens per row -- so a caller cannot forget them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from interp_cache.cache.hooked_cache import HookedCache
 
-if TYPE_CHECKING:
-    from interp_cache.models.hooked_model import HookedModel
-
 
 class Stepper:
-    def __init__(self, model: "HookedModel", cache: HookedCache | None = None, compress=None):
+    def __init__(self, model, cache: HookedCache | None = None, compress=None):
         if cache is not None and compress is not None:
             raise ValueError("pass either cache= or compress=, not both (a cache carries its policy)")
         self.model = model

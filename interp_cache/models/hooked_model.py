@@ -10,18 +10,44 @@ is closed -- also when the run raises, in which case the cache writes of the fai
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from transformer_lens.HookedRootModule import HookedRootModule
 from transformers.cache_utils import Cache
 
-from interp_cache.adapters import AttentionLayerRunner, adapter_for, family_of
+from interp_cache.adapters.registry import adapter_for, family_of
+from interp_cache.adapters.runner import AttentionLayerRunner
+from interp_cache.analysis.recording import record
 from interp_cache.cache.hooked_cache import HookedCache
+from interp_cache.cache.layer import HookedCacheLayer
 from interp_cache.compress.base import check_policy
 from interp_cache.core.context import ForwardContext
-from interp_cache.core.hook_points import BlockHooks, CachedDecodingHookPoint, run_hook
+from interp_cache.core.hook_points import (
+    POSITION_IDS_LAYOUT,
+    BlockHooks,
+    CachedDecodingHookPoint,
+    run_hook,
+    token_layout,
+)
+from interp_cache.decoding.generate import generate
+
+
+@dataclass
+class OpenForward:
+    """The forward now running: its context, the cache it writes, and whether that cache outlives it."""
+
+    context: ForwardContext
+    cache: HookedCache
+    persistent: bool  # False when the caller asked for no cache: the cache lives for this forward only
+
+
+def _embedding_width(module: nn.Module) -> int:
+    return module.embedding_dim if hasattr(module, "embedding_dim") else module.weight.shape[-1]
 
 
 class HookedModel(HookedRootModule):
@@ -31,16 +57,21 @@ class HookedModel(HookedRootModule):
         self.adapter = adapter_for(hf_model.config)
         self.hf_model = hf_model
         self.tokenizer = tokenizer
-        self._context: ForwardContext | None = None
+        self._open: OpenForward | None = None
 
         adapter = self.adapter
         layers = adapter.decoder_layers(hf_model)
-        self.hook_embed = CachedDecodingHookPoint()
+        modules = [adapter.attention_module(layer) for layer in layers]
+        specs = [adapter.attention_spec(hf_model, i, module) for i, module in enumerate(modules)]
+        embedding = adapter.token_embedding(hf_model)
+        self.hook_embed = CachedDecodingHookPoint(token_layout(_embedding_width(embedding)))
         if adapter.learned_positions:
-            self.hook_pos_embed = CachedDecodingHookPoint()
-        self.hook_position_ids = CachedDecodingHookPoint()
+            position_embedding = adapter.position_embedding(hf_model)
+            self.hook_pos_embed = CachedDecodingHookPoint(token_layout(_embedding_width(position_embedding)))
+        self.hook_position_ids = CachedDecodingHookPoint(POSITION_IDS_LAYOUT)
         self.blocks = nn.ModuleList(
-            BlockHooks(i, rotary=adapter.rotary, alibi=adapter.alibi) for i in range(len(layers))
+            BlockHooks(i, spec.head_dims, hf_model.config.hidden_size, rotary=adapter.rotary, alibi=adapter.alibi)
+            for i, spec in enumerate(specs)
         )
         self._accepts_position_ids = adapter.accepts_position_ids(hf_model)
         self.runners: list[AttentionLayerRunner] = []
@@ -48,21 +79,16 @@ class HookedModel(HookedRootModule):
         # so the unhooked fast path carries no torch hook on the embeddings or decoder layers.
         self._activation_sites: list[tuple[CachedDecodingHookPoint, Callable[[], Any]]] = []
         self._installed_sites: dict[int, Any] = {}
-        for i, layer in enumerate(layers):
-            module = adapter.attention_module(layer)
-            runner = AttentionLayerRunner(
-                adapter, module, i, adapter.attention_spec(hf_model, i, module), self.blocks[i], self._require_context
-            )
+        for i, (layer, module, spec) in enumerate(zip(layers, modules, specs)):
+            runner = AttentionLayerRunner(adapter, module, i, spec, self.blocks[i], self._layer_forward)
             module.forward = adapter.make_forward(module, runner)  # instance attribute: the class is untouched
             self.runners.append(runner)
             block = self.blocks[i]
             self._add_site(block.hook_resid_pre, lambda l=layer, i=i: l.register_forward_pre_hook(
                 self._resid_pre_hook(i), with_kwargs=True))
             self._add_site(block.hook_resid_post, lambda l=layer, i=i: l.register_forward_hook(self._resid_post_hook(i)))
-        embedding = adapter.token_embedding(hf_model)
         self._add_site(self.hook_embed, lambda: embedding.register_forward_hook(self._activation_hook("hook_embed")))
         if adapter.learned_positions:
-            position_embedding = adapter.position_embedding(hf_model)
             self._add_site(self.hook_pos_embed, lambda: position_embedding.register_forward_hook(
                 self._activation_hook("hook_pos_embed")))
         hf_model.register_forward_pre_hook(self._open_context, with_kwargs=True)
@@ -133,9 +159,22 @@ class HookedModel(HookedRootModule):
         )
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
-        from interp_cache.decoding.generate import generate
-
+        """transformers' `generate` over a HookedCache; `compress=policy` compresses it (`interp_cache.decoding`)."""
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    def hook_point(self, name: str) -> CachedDecodingHookPoint:
+        """The hook point called `name`; an unknown name is an error that lists the close matches."""
+        if not isinstance(name, str):
+            raise TypeError(f"a hook point name is a string like 'blocks.0.attn.hook_z'; got {type(name).__name__}")
+        point = self.hook_dict.get(name)
+        if point is None:
+            close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.6)
+            suggestion = f"close matches: {', '.join(close)}" if close else (
+                f"names are e.g. {', '.join(list(self.hook_dict)[:4])}, ...")
+            raise ValueError(
+                f"no hook point named {name!r} in this {self.family} model; {suggestion} (model.hook_dict lists them all)"
+            )
+        return point
 
     def set_explicit_attention(self, explicit: bool) -> None:
         """Force every layer onto the explicit (score-materialising) path, e.g. to compare the two paths."""
@@ -146,12 +185,12 @@ class HookedModel(HookedRootModule):
     @property
     def context(self) -> ForwardContext | None:
         """The context of the forward now running (None between forwards)."""
-        return self._context
+        return None if self._open is None else self._open.context
 
-    def _require_context(self) -> ForwardContext:
-        if self._context is None:
+    def _layer_forward(self, layer_idx: int) -> tuple[ForwardContext, HookedCacheLayer]:
+        if self._open is None:
             raise RuntimeError("hooked attention ran outside a HookedModel forward (no context is open)")
-        return self._context
+        return self._open.context, self._open.cache.layers[layer_idx]
 
     def _open_context(self, module, args, kwargs):
         if args:
@@ -176,14 +215,13 @@ class HookedModel(HookedRootModule):
                 raise ValueError(f"position_ids must have shape [{b}, {p}] (or [1, {p}]); got {tuple(position_ids.shape)}")
             positions = position_ids.expand(b, p).long()
         has_padding = kwargs.get("attention_mask") is not None and bool(new_is_padding.any())
-        context = ForwardContext(
-            cache, cache.forward_count, positions, new_is_padding, has_padding, persistent, cache.snapshot_lengths()
-        )
+        context = ForwardContext(cache.forward_count, positions, new_is_padding, has_padding)
         context.positions = run_hook(self.hook_position_ids, positions, context)
         if self._accepts_position_ids:
             kwargs["position_ids"] = context.positions
         self._sync_activation_sites()
-        self._context = context
+        cache.begin_forward()
+        self._open = OpenForward(context, cache, persistent)
         return args, kwargs
 
     def _choose_cache(self, kwargs: dict, batch_size: int) -> tuple[HookedCache, bool]:
@@ -224,14 +262,14 @@ class HookedModel(HookedRootModule):
         return attention_mask[:, -p:] == 0
 
     def _close_context(self, module, args, output):
-        context, self._context = self._context, None
-        if context is None:
+        opened, self._open = self._open, None
+        if opened is None:
             return output
         if output is None:  # the forward raised: undo its cache writes
-            context.cache.rollback(context.lengths_before)
+            opened.cache.rollback()
             return output
-        context.cache.end_forward(context)
-        if not context.persistent and getattr(output, "past_key_values", None) is not None:
+        opened.cache.end_forward(opened.context)
+        if not opened.persistent and getattr(output, "past_key_values", None) is not None:
             output.past_key_values = None
         return output
 
@@ -240,8 +278,8 @@ class HookedModel(HookedRootModule):
         point = getattr(self, point_name)
 
         def hook(module, args, output):
-            if point._forward_hooks and self._context is not None:
-                return run_hook(point, output, self._context)
+            if point._forward_hooks and self._open is not None:
+                return run_hook(point, output, self._open.context)
             return None
 
         return hook
@@ -250,11 +288,11 @@ class HookedModel(HookedRootModule):
         point = self.blocks[layer_idx].hook_resid_pre
 
         def hook(module, args, kwargs):
-            if not point._forward_hooks or self._context is None:
+            if not point._forward_hooks or self._open is None:
                 return None
             if args:
-                return (run_hook(point, args[0], self._context), *args[1:]), kwargs
-            kwargs["hidden_states"] = run_hook(point, kwargs["hidden_states"], self._context)
+                return (run_hook(point, args[0], self._open.context), *args[1:]), kwargs
+            kwargs["hidden_states"] = run_hook(point, kwargs["hidden_states"], self._open.context)
             return args, kwargs
 
         return hook
@@ -263,16 +301,14 @@ class HookedModel(HookedRootModule):
         point = self.blocks[layer_idx].hook_resid_post
 
         def hook(module, args, output):
-            if not point._forward_hooks or self._context is None:
+            if not point._forward_hooks or self._open is None:
                 return None
             if isinstance(output, tuple):
-                return (run_hook(point, output[0], self._context), *output[1:])
-            return run_hook(point, output, self._context)
+                return (run_hook(point, output[0], self._open.context), *output[1:])
+            return run_hook(point, output, self._open.context)
 
         return hook
 
     def record(self, names_filter=None, device="cpu", dtype=None):
         """`with model.record(names) as rec: ...`: every hook call's activation with its step and positions."""
-        from interp_cache.analysis.recording import record
-
         return record(self, names_filter, device=device, dtype=dtype)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from interp_cache.adapters import family_of
+from interp_cache.adapters.registry import family_of
 from interp_cache.models.hooked_model import HookedModel
 from interp_cache.models.tokenizer import ByteTokenizer
 from interp_cache.models.zoo import ZOO, build_zoo_model

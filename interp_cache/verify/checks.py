@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from interp_cache.compress import policy_classes
+from interp_cache.decoding.stepper import Stepper
 from interp_cache.verify.localize import first_divergence, localize
 
 if TYPE_CHECKING:
@@ -219,25 +221,11 @@ def verify(
 
 
 def _identity_policies(total_tokens: int) -> list:
-    """Every policy with a budget that covers the whole sequence (Quest selects from layer 0 on)."""
-    from interp_cache import compress
-
-    budget = total_tokens
-    return [
-        compress.StreamingLLM(sink=4, window=budget),
-        compress.H2O(heavy=budget, recent=4),
-        compress.SnapKV(budget=budget + 1, window=1, kernel=3),
-        compress.PyramidKV(budget=budget + 1, window=1, kernel=3),
-        compress.AdaKV(compress.SnapKV(budget=budget + 1, window=1, kernel=3)),
-        compress.Quest(budget=budget, page_size=1, dense_layers=0),
-        compress.Random(budget=budget),
-        compress.KNorm(budget=1.0),
-    ]
+    """Every registered policy with a budget that covers the whole sequence (Quest selects from layer 0 on)."""
+    return [policy_class.covering(total_tokens) for policy_class in policy_classes()]
 
 
 def _compression_row(model, input_ids, attention_mask, max_new_tokens) -> CheckRow:
-    from interp_cache.decoding.stepper import Stepper
-
     def greedy_logits(policy):
         stepper = Stepper(model, compress=policy)
         logits = [stepper.prefill(input_ids, attention_mask)]
@@ -247,13 +235,16 @@ def _compression_row(model, input_ids, attention_mask, max_new_tokens) -> CheckR
 
     reference = greedy_logits(None)
     worst, differing = 0.0, []
-    for policy in _identity_policies(input_ids.shape[1] + max_new_tokens):
+    identities = _identity_policies(input_ids.shape[1] + max_new_tokens)
+    for policy in identities:
         for a, b in zip(reference, greedy_logits(policy)):
             if not torch.equal(a, b):
                 worst = max(worst, (a - b).abs().max().item())
                 differing.append(type(policy).__name__)
                 break
-    note = "8 policies at full budget bitwise equal to none" if not differing else f"differ: {', '.join(differing)}"
+    policies = ", ".join(type(policy).__name__ for policy in identities)
+    note = (f"{len(identities)} policies at full budget bitwise equal to none ({policies})" if not differing
+            else f"differ: {', '.join(differing)}")
     return CheckRow("compression", not differing, worst, None, 0.0, note=note)
 
 

@@ -1,0 +1,60 @@
+"""The one attention pipeline every family adapter feeds: projections -> hooks -> rotary -> cache -> core -> output."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from interp_cache.adapters.base import FamilyAdapter
+from interp_cache.cache.layer import HookedCacheLayer
+from interp_cache.core.attention import AttentionSpec, attend
+from interp_cache.core.context import ForwardContext
+from interp_cache.core.hook_points import BlockHooks, run_hook
+
+
+class AttentionLayerRunner:
+    """One layer's hooked attention: projections -> hooks -> rotary -> cache -> core -> output.
+
+    `forward_source(layer_idx)` gives the open forward's context and this layer of its cache.
+    """
+
+    def __init__(
+        self,
+        adapter: FamilyAdapter,
+        module: nn.Module,
+        layer_idx: int,
+        spec: AttentionSpec,
+        block_hooks: BlockHooks,
+        forward_source: Callable[[int], tuple[ForwardContext, HookedCacheLayer]],
+    ):
+        self.adapter = adapter
+        self.module = module
+        self.layer_idx = layer_idx
+        self.spec = spec
+        self.hooks = block_hooks
+        self.forward_source = forward_source
+        self.force_explicit = False
+
+    def __call__(self, hidden_states: torch.Tensor, call_kwargs: dict[str, Any]) -> torch.Tensor:
+        context, cache_layer = self.forward_source(self.layer_idx)
+        adapter, module, attn_hooks = self.adapter, self.module, self.hooks.attn
+        q, k, v = adapter.project_qkv(module, hidden_states, call_kwargs)
+        q = run_hook(attn_hooks.hook_q, q, context)
+        k = run_hook(attn_hooks.hook_k, k, context)
+        v = run_hook(attn_hooks.hook_v, v, context)
+        if adapter.rotary:
+            q, k = adapter.apply_rotary(module, q, k, call_kwargs)
+            q = run_hook(attn_hooks.hook_rot_q, q, context)
+            k = run_hook(attn_hooks.hook_rot_k, k, context)
+        query_bhpd = q.transpose(1, 2)
+        read = cache_layer.write_and_read(
+            k.transpose(1, 2), v.transpose(1, 2), context, self.hooks.cache, query_bhpd, self.spec
+        )
+        z = attend(query_bhpd, read, self.spec, context, attn_hooks, self.force_explicit)
+        if cache_layer.policy is not None:
+            cache_layer.after_attention(query_bhpd, read, self.spec, context, self.hooks.cache)
+        out = adapter.project_out(module, z)
+        return run_hook(self.hooks.hook_attn_out, out, context)

@@ -1,0 +1,266 @@
+"""One cache layer through the life of a forward: write -> select -> read -> (attention) -> decide -> apply.
+
+`HookedCacheLayer` is the transformers cache layer the hooked model's attention runner talks to. Its
+entries live in a `LayerStorage`; this module is the order of events around them:
+
+1. write: this forward's keys and values (after `hook_k_write` / `hook_v_write`) are appended with their
+   true positions;
+2. select (a selection policy, at a decode step): the policy scores pages, `hook_scores` may overwrite
+   the scores, the policy chooses entries, `hook_keep` may overwrite the choice, storage gathers them;
+3. read: `hook_positions`, `hook_k_read`, `hook_v_read` see (and may replace) what attention reads;
+4. decide (an eviction policy, after attention): scores -> `hook_scores` -> keep-set -> `hook_keep`;
+5. apply: the keep-set is carried out when the whole forward completes, so a forward that raises leaves
+   the cache as it was (`rollback` undoes its writes).
+
+The logical length (token slots fed, padding included) is what transformers sees through
+`get_seq_length`; the physical length (entries stored) is what attention reads. The two differ once a
+policy evicts, and positions of new tokens always come from the logical side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from interp_cache.cache.policy_interface import CachePolicy, Observation
+from interp_cache.cache.storage import Arrangement, LayerStorage
+from interp_cache.core.attention import AttentionSpec, CacheRead
+from interp_cache.core.context import ForwardContext
+from interp_cache.core.hook_points import CacheHooks, run_hook
+
+
+@dataclass(frozen=True)
+class PendingEviction:
+    """An eviction decided during a forward, carried out when the forward completes."""
+
+    keep_bgn: torch.Tensor | None  # indices into what attention read; -1 pads heads that keep fewer
+    running_scores: torch.Tensor | None
+    budget: int | None
+
+
+class HookedCacheLayer(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, layer_idx: int = 0, num_layers: int = 1, policy: CachePolicy | None = None):
+        # CacheLayerMixin.__init__ is not called: `keys` / `values` are views of the storage, not attributes.
+        self.layer_idx = layer_idx
+        self.num_layers = num_layers
+        self.policy = policy
+        self.storage = LayerStorage(
+            keeps_entry_scores=policy is not None and policy.keeps_entry_scores,
+            reuse_on_evict=policy is not None and policy.evicts_during_decoding,
+        )
+        self.logical_length = 0
+        self.pending: PendingEviction | None = None
+        self.budget: int | None = None  # per-head budget of the last compression
+
+    # -- what transformers and users read ------------------------------------------------------------
+    @property
+    def is_initialized(self) -> bool:
+        return self.storage.is_initialized
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self.storage.keys
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self.storage.values
+
+    @property
+    def physical_length(self) -> int:
+        return self.storage.physical_length
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values `[b, g, k, d]` and positions `[b, g, k]` of the stored entries."""
+        return self.storage.read()
+
+    def kept_counts(self) -> torch.Tensor:
+        """`[b, g]` entries each head stores (padding entries included)."""
+        if not self.is_initialized:
+            raise ValueError(f"layer {self.layer_idx} holds no entries yet: run a forward on this cache first")
+        return self.storage.kept_counts()
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.nbytes
+
+    # -- the forward ---------------------------------------------------------------------------------
+    def write_and_read(
+        self,
+        keys_bgpd: torch.Tensor,
+        values_bgpd: torch.Tensor,
+        context: ForwardContext,
+        hooks: CacheHooks,
+        query_bhpd: torch.Tensor,
+        spec: AttentionSpec,
+    ) -> CacheRead:
+        """Append this forward's entries; return what attention reads."""
+        storage = self.storage
+        keys_bgpd = run_hook(hooks.hook_k_write, keys_bgpd, context)
+        values_bgpd = run_hook(hooks.hook_v_write, values_bgpd, context)
+        b, g, p, _ = keys_bgpd.shape
+        start = storage.physical_length
+        storage.append(keys_bgpd, values_bgpd, context.stored_positions[:, None, :].expand(b, g, p))
+        self.logical_length += p
+        storage.has_padding = storage.has_padding or context.has_padding
+        shared = storage.arrangement is Arrangement.ALIGNED
+        hidden = storage.arrangement is Arrangement.RAGGED
+        selection = None
+        if self.policy is not None:
+            self._track_writes(start)
+            selection = self._select(query_bhpd, spec, context, hooks)
+        if selection is None:
+            keys, values, positions = storage.read()
+        else:
+            keys, values, positions, selection_hides = selection
+            shared, hidden = False, hidden or selection_hides
+        if hooks.hook_positions.is_hooked():
+            positions = run_hook(hooks.hook_positions, positions, context, key_positions=positions)
+            shared, hidden = False, True  # a patched position can hide an entry or differ between heads
+        keys = run_hook(hooks.hook_k_read, keys, context, key_positions=positions)
+        if hooks.hook_v_read.is_hooked() and not isinstance(values, torch.Tensor):
+            # The hook sees the values; attention mixes them from storage unless the hook replaced them,
+            # so a hook that only reads (or patches another step) leaves the arithmetic bit for bit alone.
+            materialized = values.materialize()
+            patched = run_hook(hooks.hook_v_read, materialized, context, key_positions=positions)
+            values = values if patched is materialized else patched
+        else:
+            values = run_hook(hooks.hook_v_read, values, context, key_positions=positions)
+        return CacheRead(keys, values, positions, shared, storage.has_padding or hidden)
+
+    def _observe(self, query_bhpd, spec, context, keys_bgkd, positions_bgk, entry_scores=None) -> Observation:
+        return Observation(
+            self.layer_idx, self.num_layers, context, spec, query_bhpd, keys_bgkd, positions_bgk,
+            self.storage.arrangement, entry_scores, self.storage.policy_state,
+        )
+
+    def _track_writes(self, start: int) -> None:
+        self.policy.track_writes(self.layer_idx, self.storage.tail_view(), start, self.storage.policy_state)
+
+    def _select(self, query_bhpd, spec, context, hooks: CacheHooks):
+        """`(keys, values, positions, hides_slots)` of a selecting read, or None to read every entry."""
+        tail = self.storage.tail_view()
+        obs = self._observe(query_bhpd, spec, context, tail.keys, tail.positions)
+        proposal = self.policy.propose_read(obs)
+        if proposal is None:
+            return None
+        scores = run_hook(hooks.hook_scores, proposal.scores, context)
+        choice = self.policy.choose_read(scores, obs)
+        index_bgn = run_hook(hooks.hook_keep, choice.index_bgn, context)
+        n = self.storage.physical_length
+        if index_bgn is not choice.index_bgn:
+            _check_indices(hooks, index_bgn, n)
+        hides = bool((index_bgn < 0).any())
+        if (index_bgn is choice.index_bgn and not hides and choice.pages_bgm is not None
+                and self.storage.tiles_pages(choice.page_size)):
+            return (*self.storage.gather_pages(choice.pages_bgm, choice.page_size, index_bgn.shape[-1]), False)
+        return (*self.storage.gather_entries(index_bgn), hides)
+
+    def after_attention(self, query_bhpd, read: CacheRead, spec: AttentionSpec, context, hooks: CacheHooks) -> None:
+        """Let an eviction policy choose what this layer keeps; carried out when the forward completes."""
+        if self.policy is None:
+            return
+        obs = self._observe(query_bhpd, spec, context, read.keys, read.positions, self.storage.read_entry_scores())
+        proposal = self.policy.propose_eviction(obs)
+        if proposal is None:
+            self.pending = None
+        elif proposal.scores is None:
+            self.pending = PendingEviction(None, proposal.running_scores, None)
+        else:
+            scores = run_hook(hooks.hook_scores, proposal.scores, context, key_positions=read.positions)
+            keep = self.policy.choose_keep(scores, proposal.budget)
+            keep = run_hook(hooks.hook_keep, keep, context, key_positions=read.positions)
+            _check_indices(hooks, keep, read.positions.shape[-1])
+            self.pending = PendingEviction(keep, proposal.running_scores, proposal.budget)
+
+    def apply_pending(self) -> None:
+        """Carry out the keep-set the policy chose during the forward that just completed."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        if pending.keep_bgn is not None:
+            self.retain(pending.keep_bgn, pending.running_scores)
+            self.budget = pending.budget
+        elif pending.running_scores is not None:
+            self.storage.set_entry_scores(pending.running_scores)
+
+    def retain(self, keep_bgn: torch.Tensor, entry_scores_bgk: torch.Tensor | None = None) -> None:
+        """Keep the entries of `read()` that `keep_bgn` lists per head (-1: none); the policy's state follows."""
+        self.storage.retain(keep_bgn, entry_scores_bgk)
+        if self.policy is not None:
+            self._track_writes(0)
+
+    def overwrite(self, keys_bgkd: torch.Tensor, values_bgkd: torch.Tensor, positions_bgk: torch.Tensor) -> None:
+        """Replace the stored entries with an edited copy of `read()`; the policy's state follows."""
+        self.storage.overwrite(keys_bgkd, values_bgkd, positions_bgk)
+        if self.policy is not None:
+            self._track_writes(0)
+
+    def truncate(self, physical_length: int, logical_length: int) -> None:
+        self.storage.truncate(physical_length)
+        self.logical_length = logical_length
+
+    def rollback(self, physical_length: int, logical_length: int) -> None:
+        """Undo the writes of a forward that raised."""
+        self.truncate(physical_length, logical_length)
+        self.pending = None
+
+    # -- transformers' Cache layer interface ---------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("a HookedCacheLayer initializes its storage on the first write_and_read")
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError(
+            "HookedCache is written by interp_cache's attention core, which knows each entry's true position; "
+            "a transformers attention module called update() directly, so this model is not wrapped by HookedModel."
+        )
+
+    def get_seq_length(self) -> int:
+        return self.logical_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.logical_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.storage = LayerStorage(self.storage.keeps_entry_scores, self.storage.reuse_on_evict)
+        self.logical_length = 0
+        self.pending = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.storage.batch_select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.storage.batch_repeat_interleave(repeats)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            tokens_to_remove = self.logical_length - tokens_to_remove
+        if tokens_to_remove == 0:
+            return
+        removed = abs(tokens_to_remove)
+        if self.storage.arrangement is not Arrangement.ALIGNED or self.physical_length != self.logical_length:
+            raise ValueError(
+                f"cannot rewind/crop layer {self.layer_idx}: a compression policy evicted entries, so the last "
+                "token slots are no longer all stored; fork() the cache before the step you want to return to"
+            )
+        self.truncate(self.physical_length - removed, self.logical_length - removed)
+
+
+def _check_indices(hooks: CacheHooks, index_bgn: torch.Tensor, num_entries: int) -> None:
+    """A (patched) choice must index the entries in question; -1 marks an empty slot."""
+    if bool(((index_bgn < -1) | (index_bgn >= num_entries)).any()):
+        raise ValueError(
+            f"{hooks.hook_keep.name}: indices must be in [0, {num_entries}) (or -1 for none); got "
+            f"{int(index_bgn.min())}..{int(index_bgn.max())}"
+        )

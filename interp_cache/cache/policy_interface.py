@@ -1,0 +1,106 @@
+"""The contract between a cache layer and a compression policy: what the policy sees, what it returns.
+
+A cache layer consults its policy at two decision points of every forward (`interp_cache.cache.layer`):
+
+* before attention, to choose what attention reads (a *selection* policy: Quest): `propose_read` scores
+  candidates (pages), `choose_read` turns the -- possibly hook-patched -- scores into the entries read;
+* after attention, to choose what stays (an *eviction* policy): `propose_eviction` scores every entry
+  read and names the budget, `choose_keep` turns the -- possibly patched -- scores into a keep-set.
+
+At both points the policy gets an `Observation`: a read-only view of this forward's queries and the
+entries in question. It never touches storage and never fires hooks: the layer fires
+`blocks.{i}.cache.hook_scores` between the two calls and `hook_keep` on the choice, then carries out
+the (possibly patched) decision. A policy that keeps state of its own (Quest's page bounds) updates it in
+`track_writes`, shown a read-only view of the stored entries after each write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from interp_cache.cache.storage import Arrangement, StoredEntries
+from interp_cache.core.attention import AttentionSpec, attention_probabilities
+from interp_cache.core.context import ForwardContext
+
+_QUERY_CHUNK = 256  # queries per block when summing attention over a long prefill (bounds the [p, k] matrix)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a layer's policy sees at a decision point: this forward's queries and the entries in question.
+
+    At the eviction point the entries are those attention read; at the selection point, the stored tail.
+    """
+
+    layer_idx: int
+    num_layers: int
+    context: ForwardContext
+    spec: AttentionSpec
+    query_bhpd: torch.Tensor
+    keys_bgkd: torch.Tensor
+    positions_bgk: torch.Tensor
+    arrangement: Arrangement
+    entry_scores_bgk: torch.Tensor | None  # the running per-entry scores the cache keeps for the policy (H2O)
+    policy_state: Mapping[str, torch.Tensor]  # the policy's own per-layer tensors (Quest's page bounds)
+
+    @property
+    def num_entries(self) -> int:
+        return self.positions_bgk.shape[-1]
+
+    def attention_received(self, last_queries: int | None = None) -> torch.Tensor:
+        """`[b, g, k]` float32: attention each entry received, summed over this forward's (last n) real
+        queries, averaged over the query heads that share the KV head (GQA)."""
+        p = self.context.num_new
+        first = 0 if last_queries is None else max(0, p - last_queries)
+        b, h = self.query_bhpd.shape[:2]
+        total_bhk = torch.zeros(b, h, self.num_entries, dtype=torch.float32, device=self.keys_bgkd.device)
+        for start in range(first, p, _QUERY_CHUNK):
+            stop = min(p, start + _QUERY_CHUNK)
+            probs_bhqk = attention_probabilities(
+                self.query_bhpd[:, :, start:stop], self.keys_bgkd, self.positions_bgk, self.spec,
+                self.context.positions[:, start:stop], p, first_query_index=start,
+            )
+            real_bq = ~self.context.is_padding[:, start:stop]
+            total_bhk += (probs_bhqk * real_bq[:, None, :, None]).sum(2)
+        g = self.keys_bgkd.shape[1]
+        return total_bhk.view(b, g, h // g, -1).mean(2)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A policy's scores at a decision point, before `hook_scores` may overwrite them."""
+
+    scores: torch.Tensor | None  # [b, g, n]: per entry (eviction) or per page (selection); None: nothing to decide
+    budget: int | None = None  # entries per head an eviction keeps
+    running_scores: torch.Tensor | None = None  # [b, g, k] per-entry scores to store, aligned with the entries read
+
+
+@dataclass(frozen=True)
+class ReadChoice:
+    """The tail entries a selecting read takes: `index_bgn` (-1 hides a slot); when they are exactly the
+    whole pages `pages_bgm` of `page_size` entries (cut at the read's length), storage copies them as blocks."""
+
+    index_bgn: torch.Tensor
+    pages_bgm: torch.Tensor | None = None
+    page_size: int | None = None
+
+
+class CachePolicy(Protocol):
+    """What a cache layer calls on its policy (`interp_cache.compress.base.CompressionPolicy` implements it)."""
+
+    keeps_entry_scores: bool  # the storage keeps a running score per entry (H2O)
+    evicts_during_decoding: bool  # evicts on every forward: storage is reused, not shrunk
+
+    def track_writes(self, layer_idx: int, stored: StoredEntries, start: int, state: dict) -> None: ...
+
+    def propose_read(self, obs: Observation) -> Proposal | None: ...
+
+    def choose_read(self, scores: torch.Tensor, obs: Observation) -> ReadChoice: ...
+
+    def propose_eviction(self, obs: Observation) -> Proposal | None: ...
+
+    def choose_keep(self, scores_bgk: torch.Tensor, budget: int) -> torch.Tensor: ...
