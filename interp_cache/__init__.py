@@ -6,9 +6,21 @@ per family), `models` (the hooked model, loading, the zoo, the tokenizer), `deco
 `analysis` (recording, alignment, patching, sweeps, pictures), `verify` (checks, localization, reports).
 """
 
-from interp_cache.adapters.registry import UnsupportedArchitectureError, supported_families
-from interp_cache.analysis.patching import MissingSourceError, add, at, from_source, replace_with, scale, zero
-from interp_cache.analysis.recording import Recording, RecordingFileError
+from interp_cache.adapters.registry import (
+    UnsupportedArchitectureError,
+    supported_families,
+)
+from interp_cache.analysis.patching import (
+    MissingSourceError,
+    add,
+    at,
+    from_source,
+    replace_with,
+    scale,
+    zero,
+)
+from interp_cache.analysis.recording import Recording
+from interp_cache.analysis.recording_files import RecordingFileError
 from interp_cache.analysis.sweep import SweepResult, logit_diff, sweep
 from interp_cache.cache.hooked_cache import HookedCache
 from interp_cache.cache.layer import HookedCacheLayer
@@ -22,18 +34,18 @@ from interp_cache.verify import verify_decode_loop
 SUPPORTED_FAMILIES: tuple[str, ...] = supported_families()
 
 __all__ = [
+    "SUPPORTED_FAMILIES",
+    "ZOO",
+    "HookShapeError",
     "HookedCache",
     "HookedCacheLayer",
     "HookedModel",
-    "HookShapeError",
     "MissingSourceError",
     "Recording",
     "RecordingFileError",
     "Stepper",
     "SweepResult",
-    "SUPPORTED_FAMILIES",
     "UnsupportedArchitectureError",
-    "ZOO",
     "add",
     "at",
     "from_source",

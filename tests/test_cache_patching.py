@@ -8,7 +8,7 @@ import torch
 
 from conftest import hooked, padded_batch
 from interp_cache.compress import SnapKV
-from interp_cache.decoding.stepper import Stepper
+from interp_cache.decoding import Stepper
 
 PROMPTS = ["The quick brown fox jumps over", "A slow green turtle walks by the"]
 

@@ -15,7 +15,7 @@ from interp_cache.compress import H2O, AdaKV, KNorm, PyramidKV, Quest, Random, S
 from interp_cache.core.attention import AttentionSpec
 from interp_cache.core.context import ForwardContext
 from interp_cache.core.hook_points import CacheHooks
-from interp_cache.decoding.stepper import Stepper
+from interp_cache.decoding import Stepper
 
 LONG_PROMPTS = ["The quick brown fox jumps over the lazy dog, again and again", "Hello there, friend"]
 NEW_TOKENS = 6

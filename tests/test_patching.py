@@ -18,7 +18,7 @@ from interp_cache.analysis.patching import (
     scale,
     zero,
 )
-from interp_cache.decoding.stepper import Stepper
+from interp_cache.decoding import Stepper
 from interp_cache.analysis.sweep import feed, logit_diff, sweep
 
 # llama: GQA 4 query / 2 KV heads; gpt2: learned positions; bloom: ALiBi; gpt_neox: partial rotary,
@@ -164,7 +164,8 @@ def test_bad_selectors_are_clear_errors_and_hooks_are_removed():
         assert no_hooks_left(model) and model.context is None
         assert cache.logical_length == 0
     with pytest.raises(ValueError, match=r"positions= cannot select on 'blocks.0.cache.hook_keep'.*steps= only"):
-        Selection.of(positions=3).check("blocks.0.cache.hook_keep", torch.zeros(1, 2, 3, dtype=torch.long))
+        keep = model.hook_point("blocks.0.cache.hook_keep")
+        Selection.of(positions=3).check(keep.name, keep.layout, torch.zeros(1, 2, 3, dtype=torch.long))
     with pytest.raises(TypeError, match="at\\(\\) needs a hook function"):
         at(torch.zeros(3))
 

@@ -8,18 +8,26 @@ import pytest
 import torch
 from conftest import hooked, padded_batch
 
-from interp_cache.analysis.recording import (
-    MANIFEST_FILE,
-    TENSORS_FILE,
-    RecordedCall,
-    Recording,
-    RecordingFileError,
-    generation_forward_lengths,
-    recording_bytes_bound,
-)
-from interp_cache.decoding.stepper import Stepper
+from interp_cache.analysis.memory import generation_forward_lengths, recording_bytes_bound
+from interp_cache.analysis.recording import RecordedCall, Recording
+from interp_cache.analysis.recording_files import MANIFEST_FILE, TENSORS_FILE, RecordingFileError
+from interp_cache.core.hook_layout import HookKind, HookLayout
+from interp_cache.core.hook_points import token_layout
+from interp_cache.decoding import Stepper
 
 PATTERNS_AND_RESIDUALS = lambda name: name.endswith(("hook_pattern", "hook_resid_post"))
+
+
+def hand_made(name: str, layout: HookLayout, calls: list[RecordedCall]) -> Recording:
+    """A recording of one layer-0 hook, built by hand with the layout its hook point would declare."""
+    recording = Recording()
+    recording.order, recording.calls[name] = [name], calls
+    recording.layouts[name], recording.layers[name] = layout, 0
+    return recording
+
+
+def pattern_layout(heads: int) -> HookLayout:
+    return HookLayout.of(HookKind.KEYED, batch=None, head=heads, token=None, entry=None)
 
 
 def assert_equal_where_defined(got: torch.Tensor, expected: torch.Tensor, atol: float, name: str) -> None:
@@ -117,14 +125,12 @@ def test_keyed_stacking_places_entries_by_true_key_position_per_head():
     torch.manual_seed(0)
     prefill = torch.rand(1, 4, 3, 3)
     decode = torch.rand(1, 4, 1, 4)
-    recording = Recording()
-    recording.order = ["blocks.0.attn.hook_pattern"]
-    recording.calls["blocks.0.attn.hook_pattern"] = [
+    recording = hand_made("blocks.0.attn.hook_pattern", pattern_layout(4), [
         RecordedCall(0, torch.tensor([[0, 1, 2]]), torch.zeros(1, 3, dtype=torch.bool),
                      torch.tensor([[[0, 1, 2], [0, 1, 2]]]), prefill),
         RecordedCall(1, torch.tensor([[3]]), torch.zeros(1, 1, dtype=torch.bool),
                      torch.tensor([[[0, 2, 3, -1], [0, 1, 2, 3]]]), decode),
-    ]
+    ])
     expected = torch.full((1, 4, 4, 4), float("nan"))
     causal = torch.ones(3, 3).tril().bool()
     expected[0, :, :3, :3] = torch.where(causal, prefill[0], float("nan"))
@@ -135,12 +141,10 @@ def test_keyed_stacking_places_entries_by_true_key_position_per_head():
 
 
 def test_a_cache_entry_read_twice_is_reported_not_stitched():
-    recording = Recording()
-    recording.order = ["blocks.0.attn.hook_pattern"]
-    recording.calls["blocks.0.attn.hook_pattern"] = [
+    recording = hand_made("blocks.0.attn.hook_pattern", pattern_layout(2), [
         RecordedCall(0, torch.tensor([[2]]), torch.zeros(1, 1, dtype=torch.bool), torch.tensor([[[0, 1, 1, 2]]]),
                      torch.rand(1, 2, 1, 4)),
-    ]
+    ])
     with pytest.raises(ValueError, match="step 0: row 0 head 0: the query at position 2 read two cache entries at "
                                          "key position 1; the cache holds one position twice"):
         recording.stacked("blocks.0.attn.hook_pattern")
@@ -313,7 +317,7 @@ def _call_without_activation(manifest):
 
 
 def _future_version(manifest):
-    manifest["version"] = 2
+    manifest["version"] = 3
 
 
 @pytest.mark.parametrize("damage, file, message", [
@@ -325,14 +329,12 @@ def _future_version(manifest):
     (_edit_manifest(_wrong_shape), TENSORS_FILE, r"tensor 't0' is .* records"),
     (_edit_manifest(_missing_tensor_key), TENSORS_FILE, r"does not match .*not in the manifest \['t1'\]"),
     (_edit_manifest(_call_without_activation), MANIFEST_FILE, "field 'activation' is missing"),
-    (_edit_manifest(_future_version), MANIFEST_FILE, "format version 2; this interp_cache reads version 1"),
+    (_edit_manifest(_future_version), MANIFEST_FILE, "format version 3; this interp_cache reads version 2"),
 ])
 def test_damaged_files_raise_a_clear_error(tmp_path, damage, file, message):
-    recording = Recording()
-    recording.order = ["blocks.0.hook_resid_post"]
-    recording.calls["blocks.0.hook_resid_post"] = [
+    recording = hand_made("blocks.0.hook_resid_post", token_layout(8), [
         RecordedCall(0, torch.arange(4)[None], torch.zeros(1, 4, dtype=torch.bool), None, torch.randn(1, 4, 8))
-    ]
+    ])
     directory = tmp_path / "rec"
     recording.save(directory)
     damage(directory)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import hooked, padded_batch
-from interp_cache.decoding.stepper import Stepper
+from interp_cache.decoding import Stepper
 
 
 @pytest.mark.parametrize("family", ["llama", "bloom", "gpt2"])

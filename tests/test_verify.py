@@ -14,7 +14,7 @@ import torch
 import interp_cache as ic
 from interp_cache.cli import main as cli_main
 from interp_cache.core.rotary import apply_half_split_rotary
-from interp_cache.verify.checks import verify, verify_decode_loop
+from interp_cache.verify import verify, verify_decode_loop
 
 
 def greedy_loop(position_ids_at_zero: bool):

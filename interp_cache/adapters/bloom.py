@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 import transformers as tf
+from torch import nn
 from transformers.models.bloom.modeling_bloom import dropout_add
 
 from interp_cache.adapters.base import Family, FamilyAdapter, LayerRunner, ZooShape

@@ -50,8 +50,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 import transformers as tf
+from torch import nn
 from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
 from interp_cache.adapters.base import Family, FamilyAdapter, LayerRunner, ZooShape

@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 import transformers as tf
+from torch import nn
 
 from interp_cache.adapters.base import Family, FamilyAdapter, LayerRunner, ZooShape
 from interp_cache.core.attention import AttentionSpec

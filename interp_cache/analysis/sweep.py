@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from interp_cache.analysis.patching import IndexSelector, SourceHook, from_source, hook_kind
-from interp_cache.analysis.recording import head_axis
+from interp_cache.analysis.patching import SourceHook, from_source
+from interp_cache.analysis.selection import IndexSelector
+from interp_cache.core.hook_layout import HookKind
 from interp_cache.decoding.stepper import Stepper
 
 Metric = Callable[[torch.Tensor], torch.Tensor | float]
@@ -145,9 +146,10 @@ def sweep(
             f"this {model.family} model has no hook {unknown[0]!r}; hook= is a name inside a block, e.g. "
             "'attn.hook_z', 'hook_resid_pre', 'attn.hook_pattern', 'cache.hook_v_read'"
         )
-    if over == "layer_head" and head_axis(names[0]) is None:
+    layout = model.hook_point(names[0]).layout
+    if over == "layer_head" and layout.head_axis is None:
         raise ValueError(f"over='layer_head' needs a hook with a head axis; {hook!r} has none")
-    if over == "layer_position" and hook_kind(names[0]) == "policy":
+    if over == "layer_position" and layout.kind is HookKind.POLICY:
         raise ValueError(f"over='layer_position' needs a hook with a token or entry axis; {hook!r} has none")
 
     with model.record(names, device=model.device) as recording:  # replayed on the model's device
@@ -159,7 +161,7 @@ def sweep(
     sources: dict[str, SourceHook] = dict(from_source(recording, names=names, steps=steps))
     if over == "layer_head":
         first = recording[names[0]][0].activation
-        slots = list(range(first.shape[head_axis(names[0])]))
+        slots = list(range(first.shape[layout.head_axis]))
     elif positions is None:
         slots = list(range(max(sources[name].table.num_positions for name in names)))
     else:

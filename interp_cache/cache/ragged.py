@@ -32,7 +32,7 @@ class RaggedEntries:
         positions_bgk: torch.Tensor,
         scores_bgk: torch.Tensor | None,
         stored_bgk: torch.Tensor,
-    ) -> "RaggedEntries":
+    ) -> RaggedEntries:
         """Keep the entries where `stored_bgk` is True, each head's in their order."""
         return cls(
             keys_nd=keys_bgkd[stored_bgk],
@@ -69,16 +69,16 @@ class RaggedEntries:
         scores = None if self.scores_n is None else self.scores_n[index].masked_fill(~present[:, :m], 0).view(b, g, m)
         return keys, values, positions, scores
 
-    def batch_select(self, indices: torch.Tensor) -> "RaggedEntries":
+    def batch_select(self, indices: torch.Tensor) -> RaggedEntries:
         keys, values, positions, scores = self.padded()
         present = positions >= 0
-        pick = lambda t: None if t is None else t.index_select(0, indices)  # noqa: E731
+        pick = lambda t: None if t is None else t.index_select(0, indices)
         return RaggedEntries.from_padded(pick(keys), pick(values), pick(positions), pick(scores), pick(present))
 
-    def repeat_interleave(self, repeats: int) -> "RaggedEntries":
+    def repeat_interleave(self, repeats: int) -> RaggedEntries:
         keys, values, positions, scores = self.padded()
         present = positions >= 0
-        rep = lambda t: None if t is None else t.repeat_interleave(repeats, dim=0)  # noqa: E731
+        rep = lambda t: None if t is None else t.repeat_interleave(repeats, dim=0)
         return RaggedEntries.from_padded(rep(keys), rep(values), rep(positions), rep(scores), rep(present))
 
     @property

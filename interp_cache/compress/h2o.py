@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from interp_cache.compress.base import EvictionPolicy, Observation, check_int, protect_recent
+from interp_cache.compress.base import (
+    EvictionPolicy,
+    Observation,
+    check_int,
+    protect_recent,
+)
 
 
 @dataclass

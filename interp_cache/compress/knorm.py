@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from interp_cache.compress.base import Budget, EvictionPolicy, Observation, check_budget, resolve_budget
+from interp_cache.compress.base import (
+    Budget,
+    EvictionPolicy,
+    Observation,
+    check_budget,
+    resolve_budget,
+)
 
 
 @dataclass

@@ -28,7 +28,13 @@ import torch
 
 from interp_cache.cache.policy_interface import Observation, Proposal, ReadChoice
 from interp_cache.cache.storage import Arrangement, StoredEntries
-from interp_cache.compress.base import Budget, CompressionPolicy, check_budget, check_int, resolve_budget
+from interp_cache.compress.base import (
+    Budget,
+    CompressionPolicy,
+    check_budget,
+    check_int,
+    resolve_budget,
+)
 from interp_cache.core.context import PADDING_POSITION
 
 

@@ -10,7 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
-from interp_cache.compress.base import Budget, EvictionPolicy, Observation, check_budget, check_int, resolve_budget
+from interp_cache.compress.base import (
+    Budget,
+    EvictionPolicy,
+    Observation,
+    check_budget,
+    check_int,
+    resolve_budget,
+)
 
 
 @dataclass

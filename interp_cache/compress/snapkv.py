@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from interp_cache.compress.base import Budget, EvictionPolicy, Observation, check_budget, check_int, resolve_budget
+from interp_cache.compress.base import (
+    Budget,
+    EvictionPolicy,
+    Observation,
+    check_budget,
+    check_int,
+    resolve_budget,
+)
 
 
 @dataclass

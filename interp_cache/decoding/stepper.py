@@ -72,7 +72,7 @@ class Stepper:
             logits = self.step(token)
         return torch.stack(chosen, dim=1) if chosen else logits.new_zeros((logits.shape[0], 0), dtype=torch.long)
 
-    def fork(self) -> "Stepper":
+    def fork(self) -> Stepper:
         branch = Stepper(self.model, self.cache.fork())
         branch.token_ids = None if self.token_ids is None else self.token_ids.clone()
         branch.attention_mask = None if self.attention_mask is None else self.attention_mask.clone()

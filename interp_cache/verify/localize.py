@@ -10,34 +10,33 @@ the first hook in model order, whose error exceeds `tolerance * max(1, max |refe
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-from interp_cache.analysis.recording import KEYED_HOOKS, RecordedCall, Recording, head_axis, is_policy_hook, position_axis
-
-_LAYER = re.compile(r"^blocks\.(\d+)\.")
+from interp_cache.analysis.recording import RecordedCall, Recording
+from interp_cache.core.hook_layout import HookKind, HookLayout
+from interp_cache.verify.report import Divergence
 
 
 def _masked_floor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor <= torch.finfo(torch.float32).min / 2
 
 
-def _divergence_in_call(name: str, call: RecordedCall, reference: RecordedCall, slot: int, tolerance: float):
-    from interp_cache.verify.checks import Divergence
-
-    leaf = name.rsplit(".", 1)[-1]
-    axis = position_axis(name)
+def _divergence_in_call(
+    name: str, layout: HookLayout, layer: int | None, call: RecordedCall, reference: RecordedCall, slot: int,
+    tolerance: float,
+):
+    keyed = layout.kind is HookKind.KEYED
+    axis = layout.token_axis
     got = call.activation.float()
     ref = reference.activation.float()
     p = call.positions.shape[1]
     if axis is not None:
         ref = ref.narrow(axis, slot, p)
-        if leaf in KEYED_HOOKS:
+        if keyed:
             ref = ref[..., : got.shape[-1]]
         valid = ~call.is_padding
         valid = valid.view(valid.shape[0], *([1] * (axis - 1)), p, *([1] * (got.ndim - axis - 1)))
-        if leaf in KEYED_HOOKS and reference.key_positions is not None:
+        if keyed and reference.key_positions is not None:
             key_valid = reference.key_positions[:, :1, : got.shape[-1]] >= 0  # [b, 1, k]
             valid = valid & key_valid[:, :, None, :]
     else:
@@ -47,12 +46,11 @@ def _divergence_in_call(name: str, call: RecordedCall, reference: RecordedCall, 
             return None
         # Positions are compared everywhere: the -1 that marks a padding entry is itself the information.
         valid = reference.key_positions[:, :, :k] >= 0
-        if leaf == "hook_positions":
+        if layout.mirrors == "key_positions":
             valid = torch.ones_like(valid)
         if got.ndim == 4:
             valid = valid[..., None]
     if got.shape != ref.shape:
-        layer = _layer(name)
         return Divergence(name, layer, None, call.step, None, float("inf"))
     difference = (got - ref).abs()
     both_masked = _masked_floor(got) & _masked_floor(ref)
@@ -65,30 +63,27 @@ def _divergence_in_call(name: str, call: RecordedCall, reference: RecordedCall, 
     index = list(torch.unravel_index(difference.argmax(), difference.shape))
     row = int(index[0])
     head = None
-    if head_axis(name) is not None and difference.ndim > head_axis(name):
-        head = int(index[head_axis(name)])
+    if layout.head_axis is not None and difference.ndim > layout.head_axis:
+        head = int(index[layout.head_axis])
     if axis is not None:
         token = int(index[axis])
         position = int(reference.positions[row, slot + token])
     else:
         position = int(reference.key_positions[row, 0, int(index[2])])
-    return Divergence(name, _layer(name), head, call.step, position, error)
-
-
-def _layer(name: str) -> int | None:
-    match = _LAYER.match(name)
-    return int(match.group(1)) if match else None
+    return Divergence(name, layer, head, call.step, position, error)
 
 
 def first_divergence(test: Recording, reference: Recording, tolerance: float):
     """The earliest (step, model-order) hook call of `test` that differs from `reference`, or None."""
     found = []
     for order, name in enumerate(reference.order):
-        if name not in test or is_policy_hook(name):
+        layout = reference.layouts[name]
+        if name not in test or layout.kind is HookKind.POLICY:
             continue
         slot = 0
         for call in test[name]:
-            divergence = _divergence_in_call(name, call, reference[name][0], slot, tolerance)
+            divergence = _divergence_in_call(
+                name, layout, reference.layers[name], call, reference[name][0], slot, tolerance)
             if divergence is not None:
                 found.append((call.step, order, divergence))
                 break

@@ -1,0 +1,54 @@
+"""`verify_decode_loop`: run a user's own decode loop and compare every forward it made with one uncached
+forward over the same tokens; on disagreement, localize the first divergent hook."""
+
+from __future__ import annotations
+
+import torch
+
+from interp_cache.verify.localize import first_divergence
+from interp_cache.verify.report import VerifyReport, compare
+from interp_cache.verify.runs import DEFAULT_PROMPTS, TOLERANCES, batch, extend_mask
+
+
+def verify_decode_loop(model, loop_fn, prompts=None, max_new_tokens: int = 16) -> VerifyReport:
+    """Run a user's decode loop and compare every forward it made with one uncached forward.
+
+    `loop_fn(model, input_ids, attention_mask, max_new_tokens) -> LongTensor[b, new]` calls the model the
+    way transformers models are called. Each logit row the loop produced is compared with the uncached
+    logits at the same token slot; on disagreement the first divergent hook is localized.
+    """
+    prompts = tuple(prompts or DEFAULT_PROMPTS)
+    tolerance = TOLERANCES[model.dtype]["cache"]
+    input_ids, attention_mask = batch(model, prompts)
+    fed_pieces, logit_pieces = [], []
+
+    def capture_inputs(module, args, kwargs):
+        fed_pieces.append(kwargs["input_ids"] if "input_ids" in kwargs else args[0])
+
+    def capture_logits(module, args, output):
+        if output is not None:
+            logit_pieces.append(output.logits.detach())
+
+    handles = [model.hf_model.register_forward_pre_hook(capture_inputs, with_kwargs=True),
+               model.hf_model.register_forward_hook(capture_logits)]
+    try:
+        with torch.no_grad(), model.record() as test:
+            loop_fn(model, input_ids, attention_mask, max_new_tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not fed_pieces:
+        raise ValueError("the decode loop never called the model")
+    fed = torch.cat(fed_pieces, dim=1)
+    got = torch.cat(logit_pieces, dim=1)
+    fed_mask = extend_mask(attention_mask, fed.shape[1])
+    with torch.no_grad(), model.record() as reference:
+        expected = model(fed, attention_mask=fed_mask).logits
+    row = compare("decode_loop", got, expected, fed_mask.bool(), tolerance)
+    if not row.passed:
+        row.first_divergence = first_divergence(test, reference, tolerance) or row.first_divergence
+    report = VerifyReport(f"{model.family} decode loop", str(model.dtype).replace("torch.", ""))
+    report.rows.append(row)
+    return report
+
+
