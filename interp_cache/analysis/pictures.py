@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from interp_cache.compress import EvictionPolicy
+
 
 @dataclass
 class HeatmapResult:
@@ -87,8 +89,6 @@ def heatmap(
         model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, past_key_values=cache)
     pattern_tt = rec.stacked(name)[0, head]
     policy = "no compression" if compress is None else repr(compress)
-    from interp_cache.compress import EvictionPolicy
-
     kept = cache.kept_counts()[:, 0] if isinstance(compress, EvictionPolicy) else None
     figure, axes = plt.subplots(1, 1 if kept is None else 2, figsize=(6 if kept is None else 11, 5), squeeze=False)
     draw_attention(axes[0, 0], pattern_tt, f"{model.family} layer {layer} head {head}\n{policy}\nred: not read")
