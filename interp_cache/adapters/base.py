@@ -88,6 +88,14 @@ class ZooShape:
     bos_token_id: int
     eos_token_id: int
 
+    def standard_fields(self) -> dict:
+        """The size fields under the names most transformers configs use (Llama, GPT-NeoX, Phi, ...)."""
+        return dict(
+            hidden_size=self.hidden, num_hidden_layers=self.layers, num_attention_heads=self.heads,
+            intermediate_size=2 * self.hidden, max_position_embeddings=self.max_positions,
+            initializer_range=self.init_range, tie_word_embeddings=False,
+        )
+
     def build(self, config_class, overrides: dict, **fields):
         """`config_class` with the tokenizer's ids and a family's `fields`, `overrides` winning over both."""
         ids = dict(vocab_size=self.vocab_size, pad_token_id=self.pad_token_id, bos_token_id=self.bos_token_id,

@@ -81,9 +81,7 @@ GPT_NEOX = GPTNeoXAdapter()
 
 def _zoo_config(shape: ZooShape, **overrides):
     return shape.build(
-        tf.GPTNeoXConfig, overrides, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads, intermediate_size=2 * shape.hidden, max_position_embeddings=shape.max_positions,
-        initializer_range=shape.init_range, tie_word_embeddings=False,
+        tf.GPTNeoXConfig, overrides, **shape.standard_fields(),
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
     )
 

@@ -74,13 +74,10 @@ class RotaryInterfaceAdapter(FamilyAdapter):
         return forward
 
 
-def _llama_like(config_class, extra):
+def _llama_like(config_class, **extra):
     def make(shape: ZooShape, **overrides):
         return shape.build(
-            config_class, overrides, hidden_size=shape.hidden, intermediate_size=2 * shape.hidden,
-            num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.heads // 2,
-            max_position_embeddings=shape.max_positions, initializer_range=shape.init_range, tie_word_embeddings=False,
-            **extra(shape),
+            config_class, overrides, **shape.standard_fields(), num_key_value_heads=shape.heads // 2, **extra
         )
 
     return make
@@ -88,9 +85,7 @@ def _llama_like(config_class, extra):
 
 def _phi_config(shape: ZooShape, **overrides):
     return shape.build(
-        tf.PhiConfig, overrides, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads, intermediate_size=2 * shape.hidden, max_position_embeddings=shape.max_positions,
-        initializer_range=shape.init_range, tie_word_embeddings=False,
+        tf.PhiConfig, overrides, **shape.standard_fields(),
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
     )
 
@@ -101,20 +96,17 @@ def _family(name: str, zoo_config, description: str) -> Family:
     return Family(name, adapter, name, zoo_config, description)
 
 
-def _head_dim(shape: ZooShape) -> int:
-    return shape.hidden // shape.heads
+_ZOO_HEAD_DIM = 16  # families that take head_dim explicitly get the default zoo's 64 / 4, whatever the width
 
 
 FAMILIES = [
-    _family("llama", _llama_like(tf.LlamaConfig, lambda shape: {}), "rotary, GQA 4 query / 2 KV heads"),
-    _family("mistral", _llama_like(tf.MistralConfig, lambda shape: {"sliding_window": 12}),
-            "rotary, GQA, sliding window 12"),
-    _family("qwen2", _llama_like(tf.Qwen2Config, lambda shape: {}), "rotary, GQA, q/k/v bias"),
-    _family("qwen3", _llama_like(tf.Qwen3Config, lambda shape: {"head_dim": _head_dim(shape)}),
-            "rotary, GQA, per-head q/k RMSNorm"),
-    _family("gemma2", _llama_like(tf.Gemma2Config, lambda shape: {
-        "head_dim": _head_dim(shape), "sliding_window": 12, "layer_types": ["sliding_attention", "full_attention"],
-        "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": _head_dim(shape),
-    }), "softcapping, sliding window 12 on even layers"),
+    _family("llama", _llama_like(tf.LlamaConfig), "rotary, GQA 4 query / 2 KV heads"),
+    _family("mistral", _llama_like(tf.MistralConfig, sliding_window=12), "rotary, GQA, sliding window 12"),
+    _family("qwen2", _llama_like(tf.Qwen2Config), "rotary, GQA, q/k/v bias"),
+    _family("qwen3", _llama_like(tf.Qwen3Config, head_dim=_ZOO_HEAD_DIM), "rotary, GQA, per-head q/k RMSNorm"),
+    _family("gemma2", _llama_like(
+        tf.Gemma2Config, head_dim=_ZOO_HEAD_DIM, sliding_window=12, layer_types=["sliding_attention", "full_attention"],
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=_ZOO_HEAD_DIM,
+    ), "softcapping, sliding window 12 on even layers"),
     _family("phi", _phi_config, "partial rotary (50%), dense output"),
 ]
