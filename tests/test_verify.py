@@ -44,6 +44,28 @@ def test_seed_000_positions_stuck_at_zero_are_localized():
     assert (divergence.hook, divergence.step) == ("hook_position_ids", 1)
 
 
+def off_by_one_loop(model, input_ids, attention_mask, max_new_tokens):
+    """Decode steps passed `position_ids = attention_mask.sum(-1)`: one past the token's true position."""
+    out = model(input_ids, attention_mask=attention_mask, use_cache=True)
+    cache, tokens = out.past_key_values, [out.logits[:, -1].argmax(-1, keepdim=True)]
+    for _ in range(max_new_tokens - 1):
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        out = model(tokens[-1], attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                    position_ids=attention_mask.sum(-1, keepdim=True))
+        tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    return torch.cat(tokens, dim=1)
+
+
+@pytest.mark.parametrize("family", ["bloom", "llama", "gpt2"])
+def test_an_off_by_one_position_fails_in_bfloat16_and_is_blamed_on_the_positions(family):
+    report = verify_decode_loop(ic.load(f"zoo:{family}", dtype="bfloat16"), off_by_one_loop, max_new_tokens=4)
+    assert not report.passed
+    divergence = report.first_divergence
+    assert (divergence.hook, divergence.step, divergence.layer) == ("hook_position_ids", 1, None)
+    assert divergence.row == 0 and divergence.error == 1.0  # exactly one position off, found in the first row
+    assert "integer values compare exactly" in report.rows[0].note
+
+
 def _only_in_decode(transform):
     def hook(activation, hook):
         return transform(activation, hook) if hook.step >= 1 else activation

@@ -15,7 +15,10 @@ def verify_decode_loop(model, loop_fn, prompts=None, max_new_tokens: int = 16) -
 
     `loop_fn(model, input_ids, attention_mask, max_new_tokens) -> LongTensor[b, new]` calls the model the
     way transformers models are called. Each logit row the loop produced is compared with the uncached
-    logits at the same token slot; on disagreement the first divergent hook is localized.
+    logits at the same token slot; on disagreement the first divergent hook is localized. Positions and
+    indices the loop's forwards used (`hook_position_ids`, the cache's `hook_positions`) must equal the
+    uncached run's exactly, in every dtype: a mismatch fails the check even where the logits stay within
+    tolerance (an off-by-one position can hide inside a bfloat16 tolerance).
     """
     prompts = tuple(prompts or DEFAULT_PROMPTS)
     tolerance = TOLERANCES[model.dtype]["cache"]
@@ -45,7 +48,12 @@ def verify_decode_loop(model, loop_fn, prompts=None, max_new_tokens: int = 16) -
     with torch.no_grad(), model.record() as reference:
         expected = model(fed, attention_mask=fed_mask).logits
     row = compare("decode_loop", got, expected, fed_mask.bool(), tolerance)
-    if not row.passed:
+    wrong_position = first_divergence(test, reference, tolerance, integers_only=True)
+    if wrong_position is not None:
+        row.passed, row.first_divergence = False, wrong_position
+        row.note = (f"{wrong_position.hook} differs from the uncached run at step {wrong_position.step}, row "
+                    f"{wrong_position.row}, position {wrong_position.position} (integer values compare exactly)")
+    elif not row.passed:
         row.first_divergence = first_divergence(test, reference, tolerance) or row.first_divergence
     report = VerifyReport(f"{model.family} decode loop", str(model.dtype).replace("torch.", ""))
     report.rows.append(row)

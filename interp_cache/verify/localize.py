@@ -5,7 +5,8 @@ The reference is one uncached forward over every token slot the run under test f
 forwards. Each hook call of the test run is aligned with the reference by token slot -- its new tokens
 are the next slots of the sequence, the cache entries it read are the first slots -- and compared over
 real (non-padding) tokens and entries. The first divergence is the earliest decode step, and within it
-the first hook in model order, whose error exceeds `tolerance * max(1, max |reference|)`.
+the first hook in model order, whose error exceeds `tolerance * max(1, max |reference|)` -- or, for hooks
+whose values are positions or indices (their layout's integer dtype), that differs at all.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ import torch
 from interp_cache.analysis.recording import RecordedCall, Recording
 from interp_cache.core.hook_layout import HookKind, HookLayout
 from interp_cache.verify.report import Divergence
+
+
+def is_integer(layout: HookLayout) -> bool:
+    """Hooks whose values are positions or indices (position ids, cache positions, keep-sets)."""
+    return layout.dtype is not None and not layout.dtype.is_floating_point
 
 
 def _masked_floor(tensor: torch.Tensor) -> torch.Tensor:
@@ -56,9 +62,11 @@ def _divergence_in_call(
     both_masked = _masked_floor(got) & _masked_floor(ref)
     valid = valid.expand_as(difference) & ~both_masked
     difference = difference.masked_fill(~valid, 0.0)
-    scale = max(1.0, ref.masked_fill(~valid, 0.0).abs().max().item())
     error = difference.max().item()
-    if error <= tolerance * scale:
+    if is_integer(layout):
+        if error == 0:  # positions and indices are facts: equal, in every dtype, or wrong
+            return None
+    elif error <= tolerance * max(1.0, ref.masked_fill(~valid, 0.0).abs().max().item()):
         return None
     index = list(torch.unravel_index(difference.argmax(), difference.shape))
     row = int(index[0])
@@ -70,15 +78,19 @@ def _divergence_in_call(
         position = int(reference.positions[row, slot + token])
     else:
         position = int(reference.key_positions[row, 0, int(index[2])])
-    return Divergence(name, layer, head, call.step, position, error)
+    return Divergence(name, layer, head, call.step, position, error, row)
 
 
-def first_divergence(test: Recording, reference: Recording, tolerance: float):
-    """The earliest (step, model-order) hook call of `test` that differs from `reference`, or None."""
+def first_divergence(test: Recording, reference: Recording, tolerance: float, integers_only: bool = False):
+    """The earliest (step, model-order) hook call of `test` that differs from `reference`, or None.
+
+    Float hooks differ when their error exceeds `tolerance * max(1, max |reference|)`; integer hooks
+    (positions, indices) when they differ at all. `integers_only` compares integer hooks alone.
+    """
     found = []
     for order, name in enumerate(reference.order):
         layout = reference.layouts[name]
-        if name not in test or layout.kind is HookKind.POLICY:
+        if name not in test or layout.kind is HookKind.POLICY or (integers_only and not is_integer(layout)):
             continue
         slot = 0
         for call in test[name]:

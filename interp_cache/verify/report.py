@@ -19,6 +19,7 @@ class Divergence:
     step: int | None
     position: int | None
     error: float
+    row: int | None = None  # the batch row where it was found
 
 
 @dataclass
@@ -72,7 +73,8 @@ def compare(check, got, expected, real_mask, tolerance, upstream=False, note="")
     if not passed:
         over = (error_bt > tolerance).nonzero()
         first = over[over[:, 1].argmin()]
-        divergence = Divergence(None, None, None, None, int(first[1]), error_bt[first[0], first[1]].item())
+        divergence = Divergence(None, None, None, None, int(first[1]), error_bt[first[0], first[1]].item(),
+                                row=int(first[0]))
     return CheckRow(check, passed, max_abs, max_rel, tolerance, divergence, upstream, note)
 
 
