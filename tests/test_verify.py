@@ -133,6 +133,18 @@ def test_every_zoo_family_passes_unmutated_and_cli_writes_reports(tmp_path):
     assert eager["upstream"] and not eager["passed"] and eager["max_abs_err"] > 1e-2  # transformers' bug
     assert "upstream finding" in out_md.read_text()
     assert cli_main(["verify", "--model", "zoo:falcon_alibi", "--strict-upstream"]) == 1
+    assert {row["status"] for report in reports for row in report["rows"]} == {"pass", "skip", "upstream"}
+
+
+def test_a_check_that_could_not_run_is_reported_as_skipped_with_its_whole_reason_bloom(capsys):
+    assert cli_main(["verify", "--model", "zoo:bloom"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "original[sdpa]" in line)
+    assert " SKIP " in line and " PASS " not in line
+    assert "skipped: transformers offers no sdpa path" in line and line.rstrip().endswith(")")
+    assert len(line) > 200  # the reason whole, not cut at 80 characters
+    report = verify(ic.load("zoo:bloom"))
+    row = next(row for row in report.rows if row.check == "original[sdpa]")
+    assert (row.status, row.passed, row.skipped) == ("skip", False, True) and report.passed
 
 
 def test_bad_inputs_give_clear_errors_and_others_still_run(capsys):

@@ -27,7 +27,7 @@ import torch
 from interp_cache.compress import policy_classes
 from interp_cache.decoding.stepper import Stepper
 from interp_cache.verify.localize import localize
-from interp_cache.verify.report import CheckRow, Divergence, VerifyReport, compare
+from interp_cache.verify.report import CheckRow, Divergence, VerifyReport, compare, skipped_row
 from interp_cache.verify.runs import (
     ATTENTION_IMPLEMENTATIONS,
     CHUNK_SIZES,
@@ -162,8 +162,8 @@ def _original_rows(model, input_ids, attention_mask, full, real, tolerance) -> l
         try:
             reference = unwrapped_copy(model, implementation)
         except (ValueError, ImportError) as error:
-            rows.append(CheckRow(f"original[{implementation}]", True, None, None, None, upstream=True,
-                                 note=f"skipped: transformers offers no {implementation} path ({str(error)[:80]})"))
+            rows.append(skipped_row(f"original[{implementation}]",
+                                    f"transformers offers no {implementation} path ({error})"))
             continue
         originals[implementation] = original_logits(reference, input_ids, attention_mask)
         rows.append(compare(f"original[{implementation}]", full, originals[implementation], real, tolerance))

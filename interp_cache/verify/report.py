@@ -32,6 +32,18 @@ class CheckRow:
     first_divergence: Divergence | None = None
     upstream: bool = False
     note: str = ""
+    skipped: bool = False  # the check could not run (the note says why): neither passed nor failed
+
+    @property
+    def status(self) -> str:
+        """"pass", "fail", "upstream" (a finding about transformers, see the note) or "skip"."""
+        if self.skipped:
+            return "skip"
+        return "pass" if self.passed else ("upstream" if self.upstream else "fail")
+
+
+def skipped_row(check: str, reason: str) -> CheckRow:
+    return CheckRow(check, False, None, None, None, note=f"skipped: {reason}", skipped=True)
 
 
 @dataclass
@@ -43,7 +55,7 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
-        return all(row.passed for row in self.rows if self.strict_upstream or not row.upstream)
+        return all(row.passed for row in self.rows if not row.skipped and (self.strict_upstream or not row.upstream))
 
     @property
     def first_divergence(self) -> Divergence | None:
@@ -58,7 +70,7 @@ class VerifyReport:
             "dtype": self.dtype,
             "passed": self.passed,
             "first_divergence": None if self.first_divergence is None else asdict(self.first_divergence),
-            "rows": [asdict(row) for row in self.rows],
+            "rows": [{**asdict(row), "status": row.status} for row in self.rows],
         }
 
 
@@ -83,7 +95,7 @@ def format_table(reports: list[VerifyReport]) -> str:
     lines = [f"{'model':<14} {'check':<22} {'result':<9} {'max_abs':>9} {'max_rel':>9} {'tol':>8}  note"]
     for report in reports:
         for row in report.rows:
-            result = "PASS" if row.passed else ("UPSTREAM" if row.upstream else "FAIL")
+            result = row.status.upper()
             lines.append(
                 f"{report.model:<14} {row.check:<22} {result:<9} {_num(row.max_abs_err):>9} "
                 f"{_num(row.max_rel_err):>9} {_num(row.tolerance):>8}  {row.note}"
@@ -95,7 +107,7 @@ def format_markdown(reports: list[VerifyReport]) -> str:
     lines = ["| model | check | result | max abs | max rel | tolerance | note |", "|---|---|---|---|---|---|---|"]
     for report in reports:
         for row in report.rows:
-            result = "pass" if row.passed else ("upstream finding" if row.upstream else "**FAIL**")
+            result = {"pass": "pass", "skip": "skipped", "upstream": "upstream finding", "fail": "**FAIL**"}[row.status]
             lines.append(f"| {report.model} | {row.check} | {result} | {_num(row.max_abs_err)} | "
                          f"{_num(row.max_rel_err)} | {_num(row.tolerance)} | {row.note} |")
     return "\n".join(lines) + "\n"
