@@ -414,7 +414,7 @@ def test_policy_the_model_cannot_serve_raises_falcon():
     with pytest.raises(ValueError, match="dense_layers must be < the model's 2 layers"):
         model.generate(ids, max_new_tokens=2, compress=Quest(budget=16, page_size=4))  # dense_layers=2
     with pytest.raises(ValueError, match="compress must be a policy"):
-        model.new_cache(compress="snapkv")
+        model.new_cache(compress=3)  # (a spec string like "snapkv" is accepted)
     with pytest.raises(ValueError, match="either compress= or past_key_values="):
         model.generate(ids, max_new_tokens=2, compress=KNorm(8), past_key_values=model.new_cache())
 
@@ -428,3 +428,16 @@ def test_ratio_budget_resolves_against_the_stored_entries_gemma2():
     assert stepper.cache.layer_budgets == [10, 10]
     assert math.isclose(stepper.cache.kept_counts().float().mean().item(), 10)
     assert F is not None
+
+
+def test_a_spec_string_compresses_as_the_policy_it_names_in_python_too_llama():
+    model = hooked("llama")
+    ids, mask = padded_batch(model, LONG_PROMPTS)
+    from_spec = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                               compress="snapkv:budget=14,window=4,kernel=3")
+    from_policy = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 compress=SnapKV(budget=14, window=4, kernel=3))
+    assert torch.equal(from_spec, from_policy)
+    assert Stepper(model, compress="quest:budget=16,page_size=4,dense_layers=1").cache.policy == Quest(16, 4, 1)
+    with pytest.raises(ValueError, match="unknown compression policy 'lru'; accepted: adakv"):
+        model.new_cache(compress="lru:budget=4")

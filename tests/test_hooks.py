@@ -107,3 +107,20 @@ def test_a_local_checkpoint_loads_through_the_same_code(tmp_path):
     with torch.no_grad():
         assert torch.equal(from_path(input_ids, attention_mask=attention_mask).logits,
                            model(input_ids, attention_mask=attention_mask).logits)
+
+
+def test_attaching_a_hook_by_an_unknown_name_or_a_wrong_signature_is_refused_before_running_llama():
+    model = hooked("llama")
+    input_ids, attention_mask = padded_batch(model)
+    with pytest.raises(ValueError, match=r"no hook point named 'blocks.0.attn.hook_patern'.*close matches: "
+                                         r"blocks.0.attn.hook_pattern"):
+        with model.hooks(fwd_hooks=[("blocks.0.attn.hook_patern", lambda activation, hook: None)]):
+            model(input_ids, attention_mask=attention_mask)
+    with pytest.raises(TypeError, match=r"second parameter must be named 'hook'; .*<lambda>' takes \(a, h\)"):
+        model.run_with_hooks(input_ids, attention_mask=attention_mask,
+                             fwd_hooks=[("blocks.0.attn.hook_z", lambda a, h: None)])
+    with pytest.raises(ValueError, match="close matches: blocks.1.hook_resid_post"):
+        model.add_hook("blocks.1.hook_resid_posts", lambda activation, hook: None)
+    assert sum(len(point._forward_hooks) for point in model.hook_dict.values()) == 0
+    model.add_hook("blocks.1.hook_resid_post", lambda activation, **kwargs: None)  # **kwargs takes hook=
+    model.reset_hooks()

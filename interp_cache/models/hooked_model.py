@@ -11,6 +11,7 @@ is closed -- also when the run raises, in which case the cache writes of the fai
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from interp_cache.analysis.recording import record
 from interp_cache.cache.hooked_cache import HookedCache
 from interp_cache.cache.layer import HookedCacheLayer
 from interp_cache.compress.base import check_policy
+from interp_cache.compress.spec import parse_policy
 from interp_cache.core.context import ForwardContext
 from interp_cache.core.hook_points import (
     POSITION_IDS_LAYOUT,
@@ -44,6 +46,23 @@ class OpenForward:
     context: ForwardContext
     cache: HookedCache
     persistent: bool  # False when the caller asked for no cache: the cache lives for this forward only
+
+
+def _check_hook_function(hook) -> None:
+    """TransformerLens calls `hook(activation, hook=point)`: the function needs a parameter named `hook`."""
+    if not callable(hook):
+        raise TypeError(f"a hook function is callable as fn(activation, hook); got {type(hook).__name__}")
+    try:
+        parameters = inspect.signature(hook).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): let the call itself decide
+        return
+    takes_hook = any(p.name == "hook" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    if not takes_hook:
+        names = ", ".join(p.name for p in parameters)
+        raise TypeError(
+            f"hook functions are called as fn(activation, hook=point), so the second parameter must be named "
+            f"'hook'; {getattr(hook, '__qualname__', hook)!r} takes ({names})"
+        )
 
 
 def _embedding_width(module: nn.Module) -> int:
@@ -134,7 +153,10 @@ class HookedModel(HookedRootModule):
         return len(self.blocks)
 
     def new_cache(self, compress=None) -> HookedCache:
-        """An empty cache; `compress` is a policy from `interp_cache.compress` (None: keep every entry)."""
+        """An empty cache; `compress` is a policy from `interp_cache.compress`, or its spec string as on the
+        command line (`"snapkv:budget=64,window=8"`); None keeps every entry."""
+        if isinstance(compress, str):
+            compress = parse_policy(compress)
         if compress is not None:
             check_policy(compress, self)
         return HookedCache(self.num_layers, compress)
@@ -161,6 +183,24 @@ class HookedModel(HookedRootModule):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
         """transformers' `generate` over a HookedCache; `compress=policy` compresses it (`interp_cache.decoding`)."""
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    # TransformerLens' two ways in (`add_hook`, and `hooks()` / `run_with_hooks` through `_enable_hook`), with
+    # an unknown name listing the close matches and a function that cannot be called as
+    # `fn(activation, hook=point)` refused before anything runs.
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
+        self._check_hook(name, hook)
+        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def _enable_hook(self, name, hook, dir) -> None:
+        self._check_hook(name, hook)
+        super()._enable_hook(name, hook, dir)
+
+    def _check_hook(self, name, hook) -> None:
+        if isinstance(name, str):
+            self.hook_point(name)
+        elif not callable(name):
+            raise TypeError(f"a hook is attached by name (str) or by a filter fn(name) -> bool; got {type(name).__name__}")
+        _check_hook_function(hook)
 
     def hook_point(self, name: str) -> CachedDecodingHookPoint:
         """The hook point called `name`; an unknown name is an error that lists the close matches."""
