@@ -124,3 +124,23 @@ def test_attaching_a_hook_by_an_unknown_name_or_a_wrong_signature_is_refused_bef
     assert sum(len(point._forward_hooks) for point in model.hook_dict.values()) == 0
     model.add_hook("blocks.1.hook_resid_post", lambda activation, **kwargs: None)  # **kwargs takes hook=
     model.reset_hooks()
+
+
+def test_unwrap_gives_the_transformers_model_its_own_forward_back_bloom():
+    model = ic.load("zoo:bloom")
+    input_ids, attention_mask = padded_batch(model)
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda activation, hook: activation)]):
+        hooked_logits = model(input_ids, attention_mask=attention_mask).logits  # installs a residual-stream hook
+    model.add_hook("hook_embed", lambda activation, hook: activation * 0)  # left attached on purpose
+    hf_model = model.unwrap()
+    assert all("forward" not in layer.self_attention.__dict__ for layer in hf_model.transformer.h)
+    assert not hf_model._forward_pre_hooks and not hf_model._forward_hooks
+    assert not any(layer._forward_pre_hooks for layer in hf_model.transformer.h)
+    assert not hf_model.transformer.word_embeddings._forward_hooks
+    expected = original_logits(original("bloom"), input_ids, attention_mask)
+    assert torch.equal(original_logits(hf_model, input_ids, attention_mask), expected)
+    assert (hooked_logits - expected).abs().max() <= 1e-5
+    with pytest.raises(RuntimeError, match="this HookedModel was unwrapped"):
+        model(input_ids)
+    with pytest.raises(RuntimeError, match="this HookedModel was unwrapped"):
+        model.generate(input_ids, max_new_tokens=1)

@@ -70,6 +70,11 @@ def _embedding_width(module: nn.Module) -> int:
 
 
 class HookedModel(HookedRootModule):
+    """Wraps `hf_model` in place: its attention modules' `forward` (instance attributes, the classes are
+    untouched) and two forward hooks on the model route every call through the hooked pipeline, so the
+    object you passed computes through interp_cache from now on. `unwrap()` gives it its own behaviour back.
+    """
+
     def __init__(self, hf_model: nn.Module, tokenizer=None):
         super().__init__()
         self.family = family_of(hf_model.config)
@@ -77,6 +82,7 @@ class HookedModel(HookedRootModule):
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self._open: OpenForward | None = None
+        self._unwrapped = False
 
         adapter = self.adapter
         layers = adapter.decoder_layers(hf_model)
@@ -110,8 +116,11 @@ class HookedModel(HookedRootModule):
         if adapter.learned_positions:
             self._add_site(self.hook_pos_embed, lambda: position_embedding.register_forward_hook(
                 self._activation_hook("hook_pos_embed")))
-        hf_model.register_forward_pre_hook(self._open_context, with_kwargs=True)
-        hf_model.register_forward_hook(self._close_context, always_call=True)
+        self._wrapped_modules = modules
+        self._context_handles = [
+            hf_model.register_forward_pre_hook(self._open_context, with_kwargs=True),
+            hf_model.register_forward_hook(self._close_context, always_call=True),
+        ]
         self.setup()
 
     def _add_site(self, point: CachedDecodingHookPoint, install: Callable[[], Any]) -> None:
@@ -170,6 +179,7 @@ class HookedModel(HookedRootModule):
         use_cache: bool = False,
         **kwargs: Any,
     ):
+        self._require_wrapped()
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         return self.hf_model(
@@ -182,6 +192,7 @@ class HookedModel(HookedRootModule):
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
         """transformers' `generate` over a HookedCache; `compress=policy` compresses it (`interp_cache.decoding`)."""
+        self._require_wrapped()
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
     # TransformerLens' two ways in (`add_hook`, and `hooks()` / `run_with_hooks` through `_enable_hook`), with
@@ -215,6 +226,22 @@ class HookedModel(HookedRootModule):
                 f"no hook point named {name!r} in this {self.family} model; {suggestion} (model.hook_dict lists them all)"
             )
         return point
+
+    def unwrap(self) -> nn.Module:
+        """Give the wrapped transformers model its own behaviour back and return it (this wrapper then refuses
+        to run): its attention modules' original `forward`, no hooks of ours on it."""
+        for module in self._wrapped_modules:
+            module.__dict__.pop("forward", None)
+        for handle in self._context_handles + list(self._installed_sites.values()):
+            handle.remove()
+        self._context_handles, self._wrapped_modules = [], []
+        self._installed_sites.clear()
+        self._unwrapped = True
+        return self.hf_model
+
+    def _require_wrapped(self) -> None:
+        if self._unwrapped:
+            raise RuntimeError("this HookedModel was unwrapped; wrap the model again: HookedModel(hf_model, tokenizer)")
 
     def set_explicit_attention(self, explicit: bool) -> None:
         """Force every layer onto the explicit (score-materialising) path, e.g. to compare the two paths."""
