@@ -45,3 +45,12 @@ def test_heatmap_cli_rejects_bad_input_with_the_accepted_range(capsys):
     assert "layer must be in [0, 2)" in capsys.readouterr().err
     assert main(["heatmap", "--model", "zoo:gpt2", "--prompt", "Hi", "--compress", "lru:budget=4", "--out", "x.png"]) == 2
     assert "accepted: adakv, h2o, knorm, pyramidkv, quest, random, snapkv, streamingllm" in capsys.readouterr().err
+
+
+def test_heatmap_cli_refuses_zero_new_tokens_and_a_missing_directory_before_any_work(tmp_path, capsys):
+    missing = tmp_path / "missing_dir" / "x.png"
+    assert main(["heatmap", "--model", "zoo:gpt2", "--prompt", "Hi", "--out", str(missing)]) == 2
+    assert f"the directory {missing.parent} does not exist" in capsys.readouterr().err
+    out = tmp_path / "x.png"
+    assert main(["heatmap", "--model", "zoo:gpt2", "--prompt", "Hi", "--max-new-tokens", "0", "--out", str(out)]) == 2
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err and not out.exists()

@@ -75,6 +75,8 @@ def heatmap(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1 (the map shows decode steps); got {max_new_tokens!r}")
     if not 0 <= layer < model.num_layers:
         raise ValueError(f"layer must be in [0, {model.num_layers}); got {layer}")
     num_heads = model.runners[layer].spec.num_heads
