@@ -41,14 +41,6 @@ def supported_families() -> tuple[str, ...]:
     return tuple(families())
 
 
-def family_by_name(name: str) -> Family:
-    if name not in families():
-        raise UnsupportedArchitectureError(
-            f"unknown family {name!r}; supported families: {', '.join(supported_families())}"
-        )
-    return families()[name]
-
-
 def family_of(config) -> str:
     """The family name for a transformers config (Falcon with ALiBi is its own family)."""
     serving = [family.name for family in families().values() if family.serves(config)]

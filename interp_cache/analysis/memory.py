@@ -78,7 +78,7 @@ def recording_bytes_bound(
             layers_with_entries.add(point.layer_idx)  # its calls carry the positions of the entries read
         if layout.mirrors is not None or (layout.kind is HookKind.POLICY and not include_policy_hooks):
             continue
-        fixed_dtype = layout.dtype is not None and (dtype is None or not layout.dtype.is_floating_point)
+        fixed_dtype = layout.dtype is not None and (dtype is None or layout.holds_integers)
         size = torch.empty((), dtype=layout.dtype).element_size() if fixed_dtype else float_size
         bytes_per = layout.fixed_elements * size
         if layout.kind is HookKind.TOKENS:

@@ -67,8 +67,9 @@ class HookLayout:
         return self._axis(*_HEAD_AXES)
 
     @property
-    def entry_axis(self) -> int | None:
-        return self._axis("entry")
+    def holds_integers(self) -> bool:
+        """The values are positions or indices (position ids, cache positions, keep-sets): facts, not floats."""
+        return self.dtype is not None and not self.dtype.is_floating_point
 
     @property
     def fixed_elements(self) -> int:

@@ -18,11 +18,6 @@ from interp_cache.core.hook_layout import HookKind, HookLayout
 from interp_cache.verify.report import Divergence
 
 
-def is_integer(layout: HookLayout) -> bool:
-    """Hooks whose values are positions or indices (position ids, cache positions, keep-sets)."""
-    return layout.dtype is not None and not layout.dtype.is_floating_point
-
-
 def _masked_floor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor <= torch.finfo(torch.float32).min / 2
 
@@ -63,7 +58,7 @@ def _divergence_in_call(
     valid = valid.expand_as(difference) & ~both_masked
     difference = difference.masked_fill(~valid, 0.0)
     error = difference.max().item()
-    if is_integer(layout):
+    if layout.holds_integers:
         if error == 0:  # positions and indices are facts: equal, in every dtype, or wrong
             return None
     elif error <= tolerance * max(1.0, ref.masked_fill(~valid, 0.0).abs().max().item()):
@@ -90,7 +85,7 @@ def first_divergence(test: Recording, reference: Recording, tolerance: float, in
     found = []
     for order, name in enumerate(reference.order):
         layout = reference.layouts[name]
-        if name not in test or layout.kind is HookKind.POLICY or (integers_only and not is_integer(layout)):
+        if name not in test or layout.kind is HookKind.POLICY or (integers_only and not layout.holds_integers):
             continue
         slot = 0
         for call in test[name]:
