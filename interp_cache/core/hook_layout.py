@@ -56,6 +56,12 @@ class HookLayout:
                 return index
         return None
 
+    def size(self, axis: str) -> int | None:
+        """The declared size of axis `axis` (None where it varies per call)."""
+        if axis not in self.axes:
+            raise ValueError(f"layout {self.axes} has no axis {axis!r}")
+        return self.sizes[self.axes.index(axis)]
+
     @property
     def token_axis(self) -> int | None:
         """The axis over this forward's new tokens (None for cache-entry and policy hooks)."""
