@@ -12,7 +12,8 @@ import torch
 
 from interp_cache.analysis.pictures import heatmap
 from interp_cache.compress.spec import parse_policy
-from interp_cache.models.loading import load
+from interp_cache.models.loading import load, zoo_names
+from interp_cache.models.trained import trained_models, training_record
 from interp_cache.models.zoo import ZOO
 from interp_cache.verify import format_markdown, format_table, verify, write_json
 
@@ -20,11 +21,13 @@ from interp_cache.verify import format_markdown, format_table, verify, write_jso
 def _zoo(args) -> int:
     for name, family in ZOO.items():
         print(f"zoo:{name:<14} {family.description}")
+    for name in trained_models():
+        print(f"zoo:{name:<14} trained: {training_record(name)['description']}")
     return 0
 
 
 def _verify(args) -> int:
-    names = [f"zoo:{family}" for family in ZOO] if args.all else (args.model or [])
+    names = [f"zoo:{name}" for name in zoo_names()] if args.all else (args.model or [])
     if not names:
         print("interp-cache verify: name models with --model M (repeatable) or use --all", file=sys.stderr)
         return 2

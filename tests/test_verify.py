@@ -11,10 +11,13 @@ import json
 import pytest
 import torch
 
+from conftest import hooked
 import interp_cache as ic
 from interp_cache.cli import main as cli_main
 from interp_cache.core.rotary import apply_half_split_rotary
+from interp_cache.models.loading import zoo_names
 from interp_cache.verify import verify, verify_decode_loop
+
 
 
 def greedy_loop(position_ids_at_zero: bool):
@@ -127,7 +130,7 @@ def test_every_zoo_family_passes_unmutated_and_cli_writes_reports(tmp_path):
     code = cli_main(["verify", "--all", "--json", str(out_json), "--markdown", str(out_md)])
     assert code == 0
     reports = json.loads(out_json.read_text())
-    assert len(reports) == 14 and all(r["passed"] for r in reports)
+    assert len(reports) == len(zoo_names()) and all(r["passed"] for r in reports)
     falcon_alibi = next(r for r in reports if r["model"] == "falcon_alibi")
     eager = next(row for row in falcon_alibi["rows"] if row["check"] == "original[eager]")
     assert eager["upstream"] and not eager["passed"] and eager["max_abs_err"] > 1e-2  # transformers' bug
@@ -163,3 +166,43 @@ def test_bad_inputs_give_clear_errors_and_others_still_run(capsys):
 def test_half_precision_runs_pass_within_measured_tolerances(family, dtype):
     report = verify(ic.load(f"zoo:{family}", dtype=dtype))
     assert report.passed, [(r.check, r.max_abs_err, r.note) for r in report.rows if not r.passed]
+
+
+def test_prompts_of_every_accepted_kind_give_the_same_verdict_gpt2():
+    model = hooked("gpt2")
+    texts = ["The quick brown fox", "Hi there"]
+    enc = model.tokenizer(texts, padding=True, return_tensors="pt")
+    reference = verify(model, texts, max_new_tokens=3)
+    kinds = [enc, dict(enc), enc["input_ids"], {k: v.tolist() for k, v in enc.items()}]
+    for prompts in kinds:
+        mask = enc["attention_mask"] if isinstance(prompts, torch.Tensor) else None
+        report = verify(model, prompts, max_new_tokens=3, attention_mask=mask)
+        assert [(r.check, r.max_abs_err) for r in report.rows] == [(r.check, r.max_abs_err) for r in reference.rows]
+    single = verify(model, "The quick brown fox", max_new_tokens=3)
+    assert single.passed and next(r for r in single.rows if r.check == "left_padding").max_abs_err == 0.0
+    assert verify_decode_loop(model, greedy_loop(False), dict(enc), max_new_tokens=3).passed
+    assert verify_decode_loop(model, greedy_loop(False), "The quick brown fox", max_new_tokens=3).passed
+
+
+@pytest.mark.parametrize("prompts, kwargs, error, message", [
+    ({"input_ids": None, "x": 1} | {}, {}, TypeError, "'input_ids' must be a tensor or a list of lists of ints"),
+    ({"attention_mask": torch.ones(1, 3)}, {}, TypeError, "a dict of prompts needs 'input_ids'"),
+    ([1, 2, 3], {}, TypeError, "got a list of int"),
+    ({"a", "b"}, {}, TypeError, "got set"),
+    ([], {}, TypeError, "got an empty list"),
+    (["fine", ""], {}, TypeError, "an empty string"),
+    (7, {}, TypeError, "got int"),
+    (torch.ones(3, dtype=torch.long), {}, TypeError, r"integer tensor \[batch, tokens\]"),
+    (torch.ones(1, 3), {}, TypeError, r"integer tensor \[batch, tokens\]"),
+    (torch.ones(1, 3, dtype=torch.long), {"attention_mask": torch.ones(1, 2)}, TypeError, "of the input_ids' shape"),
+    (torch.ones(1, 3, dtype=torch.long), {"attention_mask": torch.tensor([[1, 1, 0]])}, ValueError, "right-padded"),
+    (["text"], {"attention_mask": torch.ones(1, 4)}, TypeError, "goes with an input_ids tensor"),
+])
+def test_prompts_of_any_other_kind_are_refused_saying_what_is_accepted_gpt2(prompts, kwargs, error, message):
+    model = hooked("gpt2")
+    if isinstance(prompts, dict) and prompts.get("input_ids", 0) is None:
+        prompts = {"input_ids": ["not", "a tensor"]}
+    with pytest.raises(error, match=message):
+        verify(model, prompts, max_new_tokens=2, **kwargs)
+    with pytest.raises(error, match=message):
+        verify_decode_loop(model, lambda *a: None, prompts, max_new_tokens=2, **kwargs)

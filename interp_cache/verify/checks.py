@@ -31,12 +31,12 @@ from interp_cache.verify.report import CheckRow, Divergence, VerifyReport, compa
 from interp_cache.verify.runs import (
     ATTENTION_IMPLEMENTATIONS,
     CHUNK_SIZES,
-    DEFAULT_PROMPTS,
     TOLERANCES,
-    batch,
     cached_in_chunks,
     extend_mask,
     original_logits,
+    prompt_batch,
+    row_alone,
     unwrapped_copy,
 )
 
@@ -47,14 +47,16 @@ def verify(
     max_new_tokens: int = 16,
     strict_upstream: bool = False,
     name: str | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
 ) -> VerifyReport:
-    prompts = tuple(prompts or DEFAULT_PROMPTS)
-    if model.tokenizer is None:
-        raise ValueError("verify needs a model with a tokenizer (model.tokenizer is None)")
+    """Compare cached, chunked, left-padded, generated, original and compressed runs on `prompts`: a string,
+    a list of strings, a BatchEncoding / dict, or input_ids with an optional `attention_mask` (left-padded);
+    None: three default prompts."""
     tolerance = TOLERANCES.get(model.dtype)
     if tolerance is None:
         raise ValueError(f"verify has tolerances for {', '.join(map(str, TOLERANCES))}; the model is {model.dtype}")
-    input_ids, attention_mask = batch(model, prompts)
+    input_ids, attention_mask = prompt_batch(model, prompts, attention_mask)
     max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if max_positions is not None and input_ids.shape[1] + max_new_tokens > max_positions:
         raise ValueError(
@@ -77,8 +79,8 @@ def verify(
             rows.append(row)
 
         worst = None
-        for row_index, prompt in enumerate(prompts):
-            alone_ids, _ = batch(model, [prompt])
+        for row_index in range(input_ids.shape[0]):
+            alone_ids = row_alone(input_ids, attention_mask, row_index)
             alone = model(alone_ids).logits
             n = alone_ids.shape[1]
             row = compare("left_padding", full[row_index:row_index + 1, -n:], alone,

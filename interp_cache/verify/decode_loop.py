@@ -7,10 +7,10 @@ import torch
 
 from interp_cache.verify.localize import first_divergence
 from interp_cache.verify.report import VerifyReport, compare
-from interp_cache.verify.runs import DEFAULT_PROMPTS, TOLERANCES, batch, extend_mask
+from interp_cache.verify.runs import TOLERANCES, extend_mask, prompt_batch
 
 
-def verify_decode_loop(model, loop_fn, prompts=None, max_new_tokens: int = 16) -> VerifyReport:
+def verify_decode_loop(model, loop_fn, prompts=None, max_new_tokens: int = 16, *, attention_mask=None) -> VerifyReport:
     """Run a user's decode loop and compare every forward it made with one uncached forward.
 
     `loop_fn(model, input_ids, attention_mask, max_new_tokens) -> LongTensor[b, new]` calls the model the
@@ -18,11 +18,13 @@ def verify_decode_loop(model, loop_fn, prompts=None, max_new_tokens: int = 16) -
     logits at the same token slot; on disagreement the first divergent hook is localized. Positions and
     indices the loop's forwards used (`hook_position_ids`, the cache's `hook_positions`) must equal the
     uncached run's exactly, in every dtype: a mismatch fails the check even where the logits stay within
-    tolerance (an off-by-one position can hide inside a bfloat16 tolerance).
+    tolerance (an off-by-one position can hide inside a bfloat16 tolerance). `prompts` as for `verify`.
     """
-    prompts = tuple(prompts or DEFAULT_PROMPTS)
+    if not callable(loop_fn):
+        raise TypeError(f"loop_fn must be a function (model, input_ids, attention_mask, max_new_tokens); "
+                        f"got {type(loop_fn).__name__}")
     tolerance = TOLERANCES[model.dtype]["cache"]
-    input_ids, attention_mask = batch(model, prompts)
+    input_ids, attention_mask = prompt_batch(model, prompts, attention_mask)
     fed_pieces, logit_pieces = [], []
 
     def capture_inputs(module, args, kwargs):

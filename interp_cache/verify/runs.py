@@ -4,6 +4,7 @@ transformers model with the same weights, and the tolerances each comparison is 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -25,9 +26,86 @@ CHUNK_SIZES = (2, 3, 5)
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
-def batch(model, prompts):
-    enc = model.tokenizer(list(prompts), padding=True, return_tensors="pt")
-    return enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
+PROMPT_KINDS = (
+    "a string, a list of strings, a BatchEncoding or dict with 'input_ids' (and optionally 'attention_mask'), "
+    "or an input_ids tensor [batch, tokens] with an optional attention_mask="
+)
+
+
+def prompt_batch(model, prompts, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids, attention_mask)` on the model's device from any accepted kind of prompts (None: the
+    defaults). A batch of ids must be left-padded, as the model's tokenizer pads: verification compares
+    each row's last tokens."""
+    if prompts is None:
+        prompts = DEFAULT_PROMPTS
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(prompts, Mapping):
+        if "input_ids" not in prompts:
+            raise TypeError(f"a dict of prompts needs 'input_ids'; got keys {sorted(prompts)}; accepted: {PROMPT_KINDS}")
+        if attention_mask is not None:
+            raise TypeError("pass the attention mask inside the dict or as attention_mask=, not both")
+        ids, mask = (_as_tensor(prompts.get(key), key) for key in ("input_ids", "attention_mask"))
+        return _checked_ids(model, ids, mask)
+    if isinstance(prompts, torch.Tensor):
+        return _checked_ids(model, prompts, attention_mask)
+    if attention_mask is not None:
+        raise TypeError("attention_mask= goes with an input_ids tensor, not with text prompts")
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) and p for p in prompts):
+        if model.tokenizer is None:
+            raise ValueError("text prompts need a model with a tokenizer (model.tokenizer is None); pass input_ids")
+        enc = model.tokenizer(list(prompts), padding=True, return_tensors="pt")
+        return enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
+    raise TypeError(f"prompts must be {PROMPT_KINDS}; got {_describe(prompts)}")
+
+
+def _as_tensor(value, key: str):
+    """A dict's ids or mask as a tensor: tensors as they are, lists of int rows (a BatchEncoding without
+    `return_tensors`) converted; anything else refused."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    if (isinstance(value, list) and value and all(isinstance(row, list) and row for row in value)
+            and all(isinstance(t, int) and not isinstance(t, bool) for row in value for t in row)):
+        if len({len(row) for row in value}) != 1:
+            raise ValueError(f"the rows of {key!r} have different lengths: pad them (left) to one length")
+        return torch.tensor(value)
+    raise TypeError(f"{key!r} must be a tensor or a list of lists of ints; got {_describe(value)}; "
+                    f"accepted prompts: {PROMPT_KINDS}")
+
+
+def _describe(value) -> str:
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return f"an empty {type(value).__name__}"
+        kinds = sorted({type(item).__name__ for item in value})
+        return f"a {type(value).__name__} of {', '.join(kinds)}" + (" (an empty string)" if "" in value else "")
+    return type(value).__name__
+
+
+def _checked_ids(model, input_ids: torch.Tensor, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0 or input_ids.is_floating_point():
+        raise TypeError(f"input_ids must be an integer tensor [batch, tokens], both >= 1; got "
+                        f"{input_ids.dtype} of shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise TypeError(f"attention_mask must be a tensor of the input_ids' shape {tuple(input_ids.shape)}; got "
+                        f"{_describe(attention_mask) if not isinstance(attention_mask, torch.Tensor) else tuple(attention_mask.shape)}")
+    mask = attention_mask.long()
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (a real token)")
+    if (mask.sum(-1) == 0).any():
+        raise ValueError(f"rows {(mask.sum(-1) == 0).nonzero().flatten().tolist()} of the batch have no real token")
+    right_padded = (mask[:, 1:] < mask[:, :-1]).any(-1)
+    if right_padded.any():
+        raise ValueError(f"rows {right_padded.nonzero().flatten().tolist()} are right-padded; verification needs "
+                         "left padding (padding before the prompt), as the model's tokenizer pads")
+    return input_ids.to(model.device), mask.to(model.device)
+
+
+def row_alone(input_ids: torch.Tensor, attention_mask: torch.Tensor, row: int) -> torch.Tensor:
+    """`[1, n]` the real tokens of one row of a left-padded batch."""
+    return input_ids[row : row + 1, attention_mask[row].bool()]
 
 
 def cached_in_chunks(model, input_ids, attention_mask, chunk: int) -> torch.Tensor:
