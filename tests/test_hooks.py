@@ -7,6 +7,7 @@ import torch
 
 import interp_cache as ic
 from conftest import hooked, original, original_logits, padded_batch
+from interp_cache.core.hook_points import NonFiniteHookOutput
 from interp_cache.models.zoo import build_zoo_model
 
 
@@ -144,3 +145,73 @@ def test_unwrap_gives_the_transformers_model_its_own_forward_back_bloom():
         model(input_ids)
     with pytest.raises(RuntimeError, match="this HookedModel was unwrapped"):
         model.generate(input_ids, max_new_tokens=1)
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_nan_or_inf_returned_by_a_hook_stops_the_run_naming_hook_step_and_position(family):
+    model = hooked(family)
+    ids, mask = padded_batch(model)
+
+    def poison(value):
+        def hook(activation, hook):
+            if hook.step == 2:
+                activation = activation.clone()
+                activation[1, -1, 0] = value
+            return activation
+        return hook
+
+    for value, what in ((float("nan"), "NaN"), (float("inf"), "inf")):
+        with pytest.raises(NonFiniteHookOutput, match=rf"'blocks.0.hook_resid_pre' returned {what} at decode step 2, "
+                           rf"batch 1, token 0, model 0, absolute position \d+"):
+            with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", poison(value))]):
+                model.generate(ids, attention_mask=mask, max_new_tokens=4)
+        assert not model.blocks[0].hook_resid_pre.is_hooked()  # removed although the run raised
+
+
+def test_minus_inf_scores_hide_entries_and_the_check_can_be_turned_off_llama():
+    model = hooked("llama")
+    ids, mask = padded_batch(model)
+
+    def hide_first_entry(scores, hook):
+        scores = scores.clone()
+        scores[..., 0] = float("-inf")  # allowed: the scores layout gives -inf a meaning
+        return scores
+
+    with model.hooks(fwd_hooks=[("blocks.1.attn.hook_attn_scores", hide_first_entry)]):
+        model(ids, attention_mask=mask)
+    with pytest.raises(NonFiniteHookOutput, match="'blocks.1.attn.hook_pattern' returned NaN"):
+        with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda p, hook: p * float("nan"))]):
+            model(ids, attention_mask=mask)
+    model.check_hook_outputs = False
+    try:
+        with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda p, hook: p * float("nan"))]):
+            logits = model(ids, attention_mask=mask).logits
+        assert torch.isnan(logits).any()  # nothing stopped it: the documented switch
+    finally:
+        model.check_hook_outputs = True
+    with pytest.raises(TypeError, match="True or False"):
+        model.check_hook_outputs = 1
+
+
+def test_nan_in_padding_slots_is_refused_too_it_would_reach_real_tokens_gpt2():
+    """Attention weighs padding ~0, but 0 * NaN is NaN: with the check off, NaN written only into padding
+    slots reaches the real tokens' logits."""
+    model = hooked("gpt2")
+    ids, mask = padded_batch(model)
+    pad_row = int((mask == 0).any(-1).nonzero()[0])
+
+    def nan_in_padding(activation, hook):
+        activation = activation.clone()
+        activation[hook.is_padding] = float("nan")
+        return activation
+
+    with pytest.raises(NonFiniteHookOutput, match=f"returned NaN at decode step 0, batch {pad_row}, token 0"):
+        with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", nan_in_padding)]):
+            model(ids, attention_mask=mask)
+    model.check_hook_outputs = False
+    try:
+        with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", nan_in_padding)]):
+            out = model(ids, attention_mask=mask).logits
+    finally:
+        model.check_hook_outputs = True
+    assert torch.isnan(out[pad_row, mask[pad_row].bool()]).all()

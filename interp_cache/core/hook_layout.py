@@ -37,6 +37,7 @@ class HookLayout:
     sizes: tuple[int | None, ...]  # None on the varying axes
     dtype: torch.dtype | None = None  # a fixed element dtype (positions: int64; GPT-J scores: float32), else the model's
     mirrors: str | None = None  # "positions" / "key_positions": the activation is that call metadata itself
+    infinities: bool = False  # +-inf are meaningful values here (scores: -inf hides an entry, +inf protects one)
 
     def __post_init__(self):
         if len(self.axes) != len(self.sizes):
@@ -46,9 +47,10 @@ class HookLayout:
                 raise ValueError(f"axis {axis!r} of layout {self.axes} must have a size iff it does not vary per call")
 
     @classmethod
-    def of(cls, kind: HookKind, dtype: torch.dtype | None = None, mirrors: str | None = None, **axes: int | None):
+    def of(cls, kind: HookKind, dtype: torch.dtype | None = None, mirrors: str | None = None,
+           infinities: bool = False, **axes: int | None):
         """`HookLayout.of(HookKind.TOKENS, batch=None, token=None, head=4, channel=16)`: axes in order."""
-        return cls(kind, tuple(axes), tuple(axes.values()), dtype, mirrors)
+        return cls(kind, tuple(axes), tuple(axes.values()), dtype, mirrors, infinities)
 
     def _axis(self, *names: str) -> int | None:
         for index, axis in enumerate(self.axes):
@@ -89,6 +91,7 @@ class HookLayout:
             "sizes": list(self.sizes),
             "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch."),
             "mirrors": self.mirrors,
+            "infinities": self.infinities,
         }
 
     @classmethod
@@ -98,6 +101,7 @@ class HookLayout:
             dtype = None if data["dtype"] is None else getattr(torch, data["dtype"])
             if dtype is not None and not isinstance(dtype, torch.dtype):
                 raise ValueError(f"unknown dtype {data['dtype']!r}")
-            return cls(HookKind(data["kind"]), tuple(data["axes"]), tuple(data["sizes"]), dtype, data["mirrors"])
+            return cls(HookKind(data["kind"]), tuple(data["axes"]), tuple(data["sizes"]), dtype, data["mirrors"],
+                       bool(data.get("infinities", False)))
         except (KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"not a hook layout: {data!r} ({error})") from None

@@ -9,7 +9,7 @@ of the wrong shape or dtype is an error that names the hook, and every point car
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -23,6 +23,11 @@ class HookShapeError(ValueError):
     """A hook returned a tensor that cannot replace the activation it was given."""
 
 
+class NonFiniteHookOutput(ValueError):
+    """A hook returned NaN, or +-inf where its layout gives infinities no meaning; greedy decoding would go on
+    silently (emitting token 0), so the run stops at the hook. `model.check_hook_outputs = False` skips it."""
+
+
 class CachedDecodingHookPoint(HookPoint):
     """A `HookPoint` that knows its layout and where in cached decoding it is being called.
 
@@ -32,6 +37,8 @@ class CachedDecodingHookPoint(HookPoint):
     `hook.is_padding` `[b, p]` which of them are padding, and `hook.key_positions` the positions
     `[b, g, k]` of the cache entries attention reads (cache and attention hooks only).
     """
+
+    check_outputs = True  # False: skip the NaN / inf check of what hooks return (`HookedModel.check_hook_outputs`)
 
     def __init__(self, layout: HookLayout, layer_idx: int | None = None):
         super().__init__()
@@ -73,7 +80,29 @@ def run_hook(
             f"hook on {point.name!r} returned shape {tuple(result.shape)} dtype {result.dtype}; "
             f"expected shape {tuple(activation.shape)} dtype {activation.dtype} (the activation it replaces)"
         )
+    if point.check_outputs and result.is_floating_point():
+        _check_finite(point, result, context)
     return result
+
+
+def _check_finite(point: CachedDecodingHookPoint, result: torch.Tensor, context: ForwardContext) -> None:
+    """Raise where a value is NaN, or infinite where the layout does not allow it -- padding slots included:
+    attention gives them weight ~0, and 0 * NaN spreads NaN into every real token that reads them."""
+    bad = torch.isnan(result) if point.layout.infinities else ~torch.isfinite(result)
+    token_axis = point.layout.token_axis
+    if not bool(bad.any()):
+        return
+    where = [int(i) for i in bad.nonzero()[0].tolist()]
+    what = "NaN" if bool(torch.isnan(result[tuple(where)])) else "inf"
+    axes = ", ".join(f"{axis} {index}" for axis, index in zip(point.layout.axes, where))
+    position = ""
+    if token_axis is not None:
+        position = f", absolute position {int(context.positions[where[0], where[token_axis]])}"
+    allowed = "" if point.layout.infinities else " (+-inf has no meaning here either)"
+    raise NonFiniteHookOutput(
+        f"hook on {point.name!r} returned {what} at decode step {context.step}, {axes}{position}{allowed}; "
+        f"{int(bad.sum())} value(s) in all. Set model.check_hook_outputs = False to skip this check."
+    )
 
 
 @dataclass(frozen=True)
@@ -123,7 +152,7 @@ class AttentionHooks(_HookContainer):
             self.hook_rot_k = CachedDecodingHookPoint(key_value, layer_idx)
         if alibi:
             self.hook_pos_bias = CachedDecodingHookPoint(scores, layer_idx)
-        self.hook_attn_scores = CachedDecodingHookPoint(scores, layer_idx)
+        self.hook_attn_scores = CachedDecodingHookPoint(replace(scores, infinities=True), layer_idx)
         pattern = HookLayout.of(HookKind.KEYED, batch=None, head=h, token=None, entry=None)
         self.hook_pattern = CachedDecodingHookPoint(pattern, layer_idx)
         self.hook_z = CachedDecodingHookPoint(query, layer_idx)
@@ -145,7 +174,7 @@ class CacheHooks(_HookContainer):
         self.hook_k_write = CachedDecodingHookPoint(written, layer_idx)
         self.hook_v_write = CachedDecodingHookPoint(written, layer_idx)
         self.hook_scores = CachedDecodingHookPoint(
-            HookLayout.of(HookKind.POLICY, batch=None, kv_head=g, choice=None), layer_idx)
+            HookLayout.of(HookKind.POLICY, infinities=True, batch=None, kv_head=g, choice=None), layer_idx)
         self.hook_keep = CachedDecodingHookPoint(
             HookLayout.of(HookKind.POLICY, torch.long, batch=None, kv_head=g, choice=None), layer_idx)
         self.hook_k_read = CachedDecodingHookPoint(read, layer_idx)

@@ -161,6 +161,20 @@ class HookedModel(HookedRootModule):
     def num_layers(self) -> int:
         return len(self.blocks)
 
+    @property
+    def check_hook_outputs(self) -> bool:
+        """Whether a hook that returns NaN (or +-inf where its layout gives it no meaning) stops the run with
+        `NonFiniteHookOutput` naming the hook, step and position (default True; False saves one pass over
+        each hooked activation)."""
+        return all(point.check_outputs for point in self.hook_dict.values())
+
+    @check_hook_outputs.setter
+    def check_hook_outputs(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"check_hook_outputs is True or False; got {type(value).__name__}")
+        for point in self.hook_dict.values():
+            point.check_outputs = value
+
     def new_cache(self, compress=None) -> HookedCache:
         """An empty cache; `compress` is a policy from `interp_cache.compress`, or its spec string as on the
         command line (`"snapkv:budget=64,window=8"`); None keeps every entry."""
