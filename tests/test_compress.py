@@ -3,6 +3,7 @@ against an independent reference, real memory savings, bad input (every family w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -15,6 +16,8 @@ from interp_cache.compress import H2O, AdaKV, HeadWise, KNorm, PyramidKV, Quest,
 from interp_cache.core.attention import AttentionSpec
 from interp_cache.core.context import ForwardContext
 from interp_cache.core.hook_points import CacheHooks
+from interp_cache.compress import policy_classes
+from interp_cache.compress.spec import parse_policy
 from interp_cache.decoding import Stepper
 
 LONG_PROMPTS = ["The quick brown fox jumps over the lazy dog, again and again", "Hello there, friend"]
@@ -91,7 +94,7 @@ def test_decoding_after_eviction_equals_dense_reference_reading_the_same_entries
     compressed run read (the rest hidden), with their true positions: float32, <= 1e-5."""
     model = hooked(family)
     policy = small_policies()[policy_index]
-    if isinstance(policy, Quest) and model.num_layers <= policy.dense_layers:
+    if isinstance(policy, Quest) and model.num_layers <= policy.dense_for(model.num_layers):
         pytest.skip("model too shallow for Quest's dense layers")
     ids, mask = padded_batch(model, LONG_PROMPTS)
     compressed = Stepper(model, compress=policy)
@@ -415,11 +418,43 @@ def test_policy_the_model_cannot_serve_raises_falcon():
     model = hooked("falcon")
     ids, _ = padded_batch(model, LONG_PROMPTS[:1])
     with pytest.raises(ValueError, match="dense_layers must be < the model's 2 layers"):
-        model.generate(ids, max_new_tokens=2, compress=Quest(budget=16, page_size=4))  # dense_layers=2
+        model.generate(ids, max_new_tokens=2, compress=Quest(budget=16, page_size=4, dense_layers=2))
     with pytest.raises(ValueError, match="compress must be a policy"):
         model.new_cache(compress=3)  # (a spec string like "snapkv" is accepted)
     with pytest.raises(ValueError, match="either compress= or past_key_values="):
         model.generate(ids, max_new_tokens=2, compress=KNorm(8), past_key_values=model.new_cache())
+
+
+def budget_only_policies(budget: int) -> list:
+    """Every registered policy built from its budget alone, everything else its default."""
+    made = []
+    for cls in policy_classes():
+        names = {f.name for f in dataclasses.fields(cls)}
+        if "budget" in names:
+            made.append(cls(budget=budget))
+        elif cls is StreamingLLM:
+            made.append(StreamingLLM(window=budget - 4))
+        elif cls is H2O:
+            made.append(H2O(heavy=budget // 2, recent=budget // 2))
+        elif cls is AdaKV:
+            made.append(AdaKV(SnapKV(budget=budget)))
+        elif cls is HeadWise:
+            made.append(HeadWise({(0, 0): None}, default=SnapKV(budget=budget)))
+        else:
+            raise AssertionError(f"no budget-only construction for {cls.__name__}: add it here")
+    return made
+
+
+@pytest.mark.parametrize("budget", [16, 24, 64, 256])
+def test_defaults_construct_and_run_on_every_zoo_model_at_every_budget(family, budget):
+    """Only the budget given (SnapKV's window and Quest's dense layers take their documented defaults):
+    every policy runs on every zoo model, and evicts where the prompt is longer than the budget."""
+    model = hooked(family)
+    ids = torch.randint(0, 250, (1, 300))
+    for policy in budget_only_policies(budget):
+        out = model.generate(ids, max_new_tokens=2, compress=policy)
+        assert out.shape == (1, 302), (family, policy)
+    assert parse_policy("adakv:budget=24,alpha=0.2") == AdaKV(SnapKV(budget=24), alpha=0.2)
 
 
 def test_ratio_budget_resolves_against_the_stored_entries_gemma2():

@@ -140,7 +140,8 @@ class HookedCacheLayer(CacheLayerMixin):
         )
 
     def _track_writes(self, start: int) -> None:
-        self.policy.track_writes(self.layer_idx, self.storage.tail_view(), start, self.storage.policy_state)
+        self.policy.track_writes(self.layer_idx, self.num_layers, self.storage.tail_view(), start,
+                                 self.storage.policy_state)
 
     def _select(self, query_bhpd, spec, context, hooks: CacheHooks):
         """`(keys, values, positions, hides_slots)` of a selecting read, or None to read every entry."""

@@ -1,7 +1,7 @@
 """KV-cache compression policies: one file per method, each a registered dataclass of parameters plus its scoring.
 
     model.generate(ids, max_new_tokens=32, compress=AdaKV(SnapKV(budget=64), alpha=0.2))
-    cache = model.new_cache(compress=Quest(budget=256, page_size=16, dense_layers=2))
+    cache = model.new_cache(compress=Quest(budget=256, page_size=16))
 
 Eviction policies (StreamingLLM, H2O, SnapKV, PyramidKV, AdaKV, Random, KNorm) remove entries from the
 cache; Quest keeps them all and reads the pages a decode step's query can use most. Every module of this

@@ -94,7 +94,7 @@ class CompressionPolicy:
         if not hasattr(model, "num_layers") or not hasattr(model, "family"):
             raise ValueError(f"{type(self).__name__} compresses a HookedModel's cache; got {type(model).__name__}")
 
-    def track_writes(self, layer_idx: int, stored: StoredEntries, start: int, state: dict) -> None:
+    def track_writes(self, layer_idx: int, num_layers: int, stored: StoredEntries, start: int, state: dict) -> None:
         """Entries were written to the layer's tail from index `start` on (0 after an eviction or an edit)."""
 
     def propose_read(self, obs: Observation) -> Proposal | None:

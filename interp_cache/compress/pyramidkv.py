@@ -26,11 +26,12 @@ class PyramidKV(SnapKV, name="pyramidkv"):
         average = super().layer_budget(layer_idx, num_layers, num_entries)
         if average >= num_entries:
             return num_entries
-        chosen = average - self.window
+        window = self.window_for(num_entries)
+        chosen = average - window
         lowest = chosen // self.beta
         highest = 2 * chosen - lowest
-        if highest >= num_entries - self.window:
-            highest = num_entries - self.window
+        if highest >= num_entries - window:
+            highest = num_entries - window
             lowest = 2 * chosen - highest
         step = (highest - lowest) // (num_layers - 1) if num_layers > 1 else 0
-        return highest - layer_idx * step + self.window
+        return highest - layer_idx * step + window

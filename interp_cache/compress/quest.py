@@ -13,6 +13,8 @@ ALiBi families), reduced to the KV head by the maximum over the heads sharing it
 into a short `[b, g, pages * page_size, d]` read, so attention's cost falls with the budget. Pages past
 a sliding window or holding only padding are never chosen. Prefill and multi-token forwards read
 densely, as does any step where the budget covers every page (the identity, bit for bit).
+`dense_layers=None` (the default) is the paper's 2 dense layers on models deeper than 2 layers, and all
+but the last layer on shallower ones, so the defaults run on every model.
 
 `hook_scores` shows the page bounds `[b, g, pages]`; `hook_keep` the entry indices read `[b, g, n]`
 (a patch may write -1 to hide a slot). Quest only scores and chooses; the cache layer gathers what it chose
@@ -42,12 +44,13 @@ from interp_cache.core.context import PADDING_POSITION
 class Quest(CompressionPolicy, name="quest"):
     budget: Budget = 512
     page_size: int = 16
-    dense_layers: int = 2
+    dense_layers: int | None = None
 
     def __post_init__(self):
         check_budget(self.budget, "Quest budget")
         check_int(self.page_size, "Quest page_size", 1)
-        check_int(self.dense_layers, "Quest dense_layers", 0)
+        if self.dense_layers is not None:
+            check_int(self.dense_layers, "Quest dense_layers (or None: 2, fewer on models of <= 2 layers)", 0)
         if isinstance(self.budget, int) and self.budget < self.page_size:
             raise ValueError(
                 f"Quest budget ({self.budget} tokens) must be >= page_size ({self.page_size}): "
@@ -60,15 +63,20 @@ class Quest(CompressionPolicy, name="quest"):
 
     def check_model(self, model) -> None:
         super().check_model(model)
-        if self.dense_layers >= model.num_layers:
+        if self.dense_layers is not None and self.dense_layers >= model.num_layers:
             raise ValueError(
                 f"Quest dense_layers must be < the model's {model.num_layers} layers (0..{model.num_layers - 1}) "
                 f"so some layer selects pages; got {self.dense_layers}"
             )
 
     # -- page bounds, kept current as entries are written --------------------------------------------
-    def track_writes(self, layer_idx: int, stored: StoredEntries, start: int, state: dict) -> None:
-        if layer_idx < self.dense_layers:
+    def dense_for(self, num_layers: int) -> int:
+        """Layers read densely: the given count, or the paper's 2 where the model has more than 2 layers and
+        `num_layers - 1` otherwise, so some layer selects pages."""
+        return self.dense_layers if self.dense_layers is not None else min(2, num_layers - 1)
+
+    def track_writes(self, layer_idx: int, num_layers: int, stored: StoredEntries, start: int, state: dict) -> None:
+        if layer_idx < self.dense_for(num_layers):
             return
         size = self.page_size
         b, g, n, d = stored.keys.shape
@@ -131,7 +139,7 @@ class Quest(CompressionPolicy, name="quest"):
         return bound
 
     def propose_read(self, obs: Observation) -> Proposal | None:
-        if obs.context.num_new != 1 or obs.layer_idx < self.dense_layers or obs.arrangement is Arrangement.RAGGED:
+        if obs.context.num_new != 1 or obs.layer_idx < self.dense_for(obs.num_layers) or obs.arrangement is Arrangement.RAGGED:
             return None  # (a head-wise cache patch left unequal heads: pages no longer line up, read densely)
         n = obs.num_entries
         if self._pages_read(n) >= math.ceil(n / self.page_size):
