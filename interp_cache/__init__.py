@@ -24,10 +24,11 @@ from interp_cache.analysis.recording_files import RecordingFileError
 from interp_cache.analysis.sweep import SweepResult, logit_diff, sweep
 from interp_cache.cache.hooked_cache import HookedCache
 from interp_cache.cache.layer import HookedCacheLayer
-from interp_cache.core.hook_points import HookShapeError
+from interp_cache.core.hook_points import HookShapeError, NonFiniteHookOutput
 from interp_cache.decoding.stepper import Stepper
 from interp_cache.models.hooked_model import HookedModel
 from interp_cache.models.loading import load
+from interp_cache.models.tokenizer import ByteTokenizer
 from interp_cache.models.zoo import ZOO
 from interp_cache.verify import verify_decode_loop
 
@@ -36,7 +37,9 @@ SUPPORTED_FAMILIES: tuple[str, ...] = supported_families()
 __all__ = [
     "SUPPORTED_FAMILIES",
     "ZOO",
+    "ByteTokenizer",
     "HookShapeError",
+    "NonFiniteHookOutput",
     "HookedCache",
     "HookedCacheLayer",
     "HookedModel",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import interp_cache as ic
 from conftest import hooked, original, padded_batch
+from interp_cache.models.zoo import build_zoo_model
 
 
 def _ref_generate(family, input_ids, attention_mask, **kwargs):
@@ -89,3 +91,36 @@ def test_empty_prompt_raises():
         model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=3)
     with pytest.raises(ValueError, match="empty input"):
         model(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_a_checkpoint_folder_round_trips_with_its_byte_tokenizer_qwen2(tmp_path):
+    model = hooked("qwen2")
+    model.hf_model.save_pretrained(tmp_path)
+    model.tokenizer.save_pretrained(tmp_path)
+    loaded = ic.load(str(tmp_path))
+    ids = model.tokenizer(["Hello there"], return_tensors="pt")["input_ids"]
+    assert loaded.tokenizer("Hello there")["input_ids"] == ids[0].tolist()
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_a_folder_without_tokenizer_fails_before_weights_load_naming_the_argument_llama(tmp_path, monkeypatch):
+    hooked("llama").hf_model.save_pretrained(tmp_path)
+    calls = []
+    monkeypatch.setattr(ic.models.loading.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: calls.append(a))
+    with pytest.raises(ValueError, match="has no tokenizer files .*pass tokenizer= to load"):
+        ic.load(tmp_path)
+    assert calls == []  # refused before any weight was read
+
+
+def test_load_options_go_to_from_pretrained_and_a_built_model_is_wrapped_gpt2(tmp_path):
+    model = hooked("gpt2")
+    model.hf_model.save_pretrained(tmp_path)
+    model.tokenizer.save_pretrained(tmp_path)
+    eager = ic.load(tmp_path, attn_implementation="eager")
+    assert eager.hf_model.config._attn_implementation == "eager"
+    built = ic.load(build_zoo_model("gpt2"), tokenizer=ic.ByteTokenizer())
+    assert built.family == "gpt2" and built.tokenizer is not None
+    with pytest.raises(ValueError, match="did you mean 'zoo:llama'"):
+        ic.load("llama")
+    with pytest.raises(TypeError, match="load takes 'zoo:<name>', a checkpoint folder"):
+        ic.load(3)

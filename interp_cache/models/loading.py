@@ -9,8 +9,12 @@ model.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from interp_cache.adapters.registry import family_of
 from interp_cache.models.hooked_model import HookedModel
@@ -35,25 +39,39 @@ def zoo_names() -> list[str]:
     return list(ZOO) + list(trained_models())
 
 
-def load(name: str, dtype=None, device=None, tokenizer=None, **zoo_overrides) -> HookedModel:
-    """`tokenizer`: use this one instead of the zoo's byte tokenizer or the checkpoint's own."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def load(name, dtype=None, device=None, tokenizer=None, **options) -> HookedModel:
+    """A HookedModel from `zoo:<name>`, a local checkpoint folder, a hub name, or a transformers model
+    already built (wrapped in place, with `tokenizer`).
+
+    `tokenizer`: use this one instead of the zoo's byte tokenizer or the checkpoint's own. `options`: for
+    random-weight zoo models, config fields (`sliding_window=4`); for checkpoints, `from_pretrained`
+    arguments (`device_map`, `attn_implementation`, `revision`, `trust_remote_code`, ...).
+    """
     dtype = resolve_dtype(dtype)
-    trained = trained_models()
+    if isinstance(name, PreTrainedModel):
+        if options or dtype is not None:
+            raise ValueError("a model already built is wrapped as it is: convert it (.to(dtype)) before load(); "
+                             f"options {sorted(options)} apply to names only")
+        return HookedModel(name if device is None else name.to(device), tokenizer=tokenizer)
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"load takes 'zoo:<name>', a checkpoint folder, a hub name or a transformers "
+                        f"PreTrainedModel; got {type(name).__name__}")
+    name = os.fspath(name)
     if name.startswith(ZOO_PREFIX):
-        zoo_name = name[len(ZOO_PREFIX) :]
-        if zoo_name in trained:
-            if zoo_overrides:
-                raise ValueError(f"zoo:{zoo_name} is a trained checkpoint: config overrides "
-                                 f"({', '.join(zoo_overrides)}) apply to the random-weight zoo models only")
-            hf_model = AutoModelForCausalLM.from_pretrained(trained[zoo_name], dtype=dtype or torch.float32).eval()
-        elif zoo_name in ZOO:
-            hf_model = build_zoo_model(zoo_name, dtype=dtype or torch.float32, **zoo_overrides)
-        else:
-            raise ValueError(f"no zoo model {zoo_name!r}; the zoo has: {', '.join(zoo_names())}")
+        hf_model = _zoo_model(name[len(ZOO_PREFIX) :], dtype, options)
         tokenizer = tokenizer or ByteTokenizer()
     else:
-        family_of(AutoConfig.from_pretrained(name))  # unsupported architectures fail before weights load
-        hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto").eval()
+        local = Path(name).is_dir()
+        if not local and name in zoo_names():
+            raise ValueError(f"{name!r} is not a checkpoint folder; did you mean 'zoo:{name}' (the built-in model)? "
+                             "Hub models load by their full id (e.g. 'openai-community/gpt2') where the network allows")
+        if tokenizer is None and local:
+            tokenizer = _local_tokenizer(Path(name))  # before the weights load: a missing tokenizer fails fast
+        family_of(AutoConfig.from_pretrained(name, **_config_options(options)))  # unsupported: fail before weights
+        hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", **options).eval()
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
             if tokenizer.pad_token is None:
@@ -61,3 +79,33 @@ def load(name: str, dtype=None, device=None, tokenizer=None, **zoo_overrides) ->
     if device is not None:
         hf_model = hf_model.to(device)
     return HookedModel(hf_model, tokenizer=tokenizer)
+
+
+def _zoo_model(zoo_name: str, dtype, options: dict):
+    trained = trained_models()
+    if zoo_name in trained:
+        if options:
+            raise ValueError(f"zoo:{zoo_name} is a trained checkpoint: config overrides "
+                             f"({', '.join(options)}) apply to the random-weight zoo models only")
+        return AutoModelForCausalLM.from_pretrained(trained[zoo_name], dtype=dtype or torch.float32).eval()
+    if zoo_name in ZOO:
+        return build_zoo_model(zoo_name, dtype=dtype or torch.float32, **options)
+    raise ValueError(f"no zoo model {zoo_name!r}; the zoo has: {', '.join(zoo_names())}")
+
+
+def _config_options(options: dict) -> dict:
+    return {key: options[key] for key in ("revision", "trust_remote_code", "token", "cache_dir") if key in options}
+
+
+def _local_tokenizer(folder: Path):
+    """The folder's tokenizer where this project's byte tokenizer saved it; None for transformers to load;
+    an error naming `tokenizer=` where the folder has no tokenizer files at all."""
+    config = folder / "tokenizer_config.json"
+    if config.is_file() and json.loads(config.read_text()).get("tokenizer_class") == ByteTokenizer.__name__:
+        return ByteTokenizer(padding_side="left")
+    if not any((folder / file).is_file() for file in TOKENIZER_FILES):
+        raise ValueError(
+            f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): pass tokenizer= to load() "
+            "(e.g. interp_cache.ByteTokenizer() for a model trained on bytes, or AutoTokenizer.from_pretrained(...))"
+        )
+    return None
