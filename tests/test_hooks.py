@@ -7,6 +7,9 @@ import torch
 
 import interp_cache as ic
 from conftest import hooked, original, original_logits, padded_batch
+import torch.nn.functional as F
+from transformer_lens import ActivationCache
+
 from interp_cache.core.hook_points import NonFiniteHookOutput
 from interp_cache.models.zoo import build_zoo_model
 
@@ -215,3 +218,30 @@ def test_nan_in_padding_slots_is_refused_too_it_would_reach_real_tokens_gpt2():
     finally:
         model.check_hook_outputs = True
     assert torch.isnan(out[pad_row, mask[pad_row].bool()]).all()
+
+
+def test_transformer_lens_habits_run_with_cache_cfg_tokens_text_and_return_type_llama():
+    model = hooked("llama")
+    logits, cache = model.run_with_cache("The quick brown fox")
+    assert isinstance(cache, ActivationCache) and isinstance(logits, torch.Tensor)
+    ids = model.to_tokens("The quick brown fox")
+    assert (logits - model(ids).logits).abs().max() <= 1e-5  # (recording patterns takes the explicit path)
+    assert torch.equal(cache["pattern", 1], cache["blocks.1.attn.hook_pattern"])
+    assert cache["pattern", 1].shape == (1, model.cfg.n_heads, ids.shape[1], ids.shape[1])
+    cfg = model.cfg
+    assert (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_vocab, cfg.n_key_value_heads) == (2, 4, 64, 16, 260, 2)
+    assert model.to_string(ids[0]) == "The quick brown fox"
+    assert model.to_string(model.to_tokens(["a b", "hello"])) == ["a b", "hello"]
+    loss = model("The quick brown fox", return_type="loss")
+    manual = F.cross_entropy(logits[0, :-1], ids[0, 1:])
+    assert torch.allclose(loss, manual, atol=1e-5)
+    both = model.run_with_hooks("The quick brown fox", return_type="both", fwd_hooks=[])
+    assert (both[0] - logits).abs().max() <= 1e-5 and torch.allclose(both[1], manual, atol=1e-5)
+    assert model(ids, return_type=None) is None
+    with pytest.raises(ValueError, match="return_type must be one of"):
+        model(ids, return_type="logprobs")
+    text = model.generate("The quick", max_new_tokens=3, do_sample=False)
+    expected = model.generate(model.to_tokens("The quick"), max_new_tokens=3, do_sample=False)
+    assert text == model.to_string(expected[0])
+    with pytest.raises(TypeError, match="takes a string or a non-empty list of strings"):
+        model.to_tokens(5)

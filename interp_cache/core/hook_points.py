@@ -9,6 +9,7 @@ of the wrong shape or dtype is an error that names the hook, and every point car
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, replace
 
 import torch
@@ -103,6 +104,23 @@ def _check_finite(point: CachedDecodingHookPoint, result: torch.Tensor, context:
         f"hook on {point.name!r} returned {what} at decode step {context.step}, {axes}{position}{allowed}; "
         f"{int(bad.sum())} value(s) in all. Set model.check_hook_outputs = False to skip this check."
     )
+
+
+def check_hook_function(hook) -> None:
+    """TransformerLens calls `hook(activation, hook=point)`: the function needs a parameter named `hook`."""
+    if not callable(hook):
+        raise TypeError(f"a hook function is callable as fn(activation, hook); got {type(hook).__name__}")
+    try:
+        parameters = inspect.signature(hook).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): let the call itself decide
+        return
+    takes_hook = any(p.name == "hook" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    if not takes_hook:
+        names = ", ".join(p.name for p in parameters)
+        raise TypeError(
+            f"hook functions are called as fn(activation, hook=point), so the second parameter must be named "
+            f"'hook'; {getattr(hook, '__qualname__', hook)!r} takes ({names})"
+        )
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ is closed -- also when the run raises, in which case the cache writes of the fai
 from __future__ import annotations
 
 import difflib
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,10 +32,12 @@ from interp_cache.core.hook_points import (
     POSITION_IDS_LAYOUT,
     BlockHooks,
     CachedDecodingHookPoint,
+    check_hook_function,
     run_hook,
     token_layout,
 )
 from interp_cache.decoding.generate import generate
+from interp_cache.models.lens_habits import TransformerLensHabits
 
 
 @dataclass
@@ -48,28 +49,11 @@ class OpenForward:
     persistent: bool  # False when the caller asked for no cache: the cache lives for this forward only
 
 
-def _check_hook_function(hook) -> None:
-    """TransformerLens calls `hook(activation, hook=point)`: the function needs a parameter named `hook`."""
-    if not callable(hook):
-        raise TypeError(f"a hook function is callable as fn(activation, hook); got {type(hook).__name__}")
-    try:
-        parameters = inspect.signature(hook).parameters.values()
-    except (TypeError, ValueError):  # no signature to read (some builtins): let the call itself decide
-        return
-    takes_hook = any(p.name == "hook" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-    if not takes_hook:
-        names = ", ".join(p.name for p in parameters)
-        raise TypeError(
-            f"hook functions are called as fn(activation, hook=point), so the second parameter must be named "
-            f"'hook'; {getattr(hook, '__qualname__', hook)!r} takes ({names})"
-        )
-
-
 def _embedding_width(module: nn.Module) -> int:
     return module.embedding_dim if hasattr(module, "embedding_dim") else module.weight.shape[-1]
 
 
-class HookedModel(HookedRootModule):
+class HookedModel(TransformerLensHabits, HookedRootModule):
     """Wraps `hf_model` in place: its attention modules' `forward` (instance attributes, the classes are
     untouched) and two forward hooks on the model route every call through the hooked pipeline, so the
     object you passed computes through interp_cache from now on. `unwrap()` gives it its own behaviour back.
@@ -191,23 +175,35 @@ class HookedModel(HookedRootModule):
         position_ids: torch.Tensor | None = None,
         past_key_values: HookedCache | None = None,
         use_cache: bool = False,
+        return_type: str | None = "output",
         **kwargs: Any,
     ):
+        """`input_ids` may be text (a string or list of strings, tokenized left-padded); `return_type`:
+        "output" (transformers' output object), or TransformerLens' "logits", "loss", "both", None."""
         self._require_wrapped()
+        input_ids, attention_mask = self._encode_text(input_ids, attention_mask)
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
-        return self.hf_model(
+        output = self.hf_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             use_cache=use_cache,
             **kwargs,
         )
+        return self._shaped_output(output, input_ids, attention_mask, return_type)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
-        """transformers' `generate` over a HookedCache; `compress=policy` compresses it (`interp_cache.decoding`)."""
+    def generate(self, input_ids: torch.Tensor | str | list[str], attention_mask: torch.Tensor | None = None,
+                 **kwargs: Any):
+        """transformers' `generate` over a HookedCache; `compress=policy` compresses it (`interp_cache.decoding`).
+        Text in, text out (prompt and continuation, as TransformerLens returns it)."""
         self._require_wrapped()
-        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+        ids, mask = self._encode_text(input_ids, attention_mask)
+        out = generate(self, ids, attention_mask=mask, **kwargs)
+        if ids is input_ids or not isinstance(out, torch.Tensor):
+            return out
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        return texts[0] if isinstance(input_ids, str) else texts
 
     # TransformerLens' two ways in (`add_hook`, and `hooks()` / `run_with_hooks` through `_enable_hook`), with
     # an unknown name listing the close matches and a function that cannot be called as
@@ -225,7 +221,7 @@ class HookedModel(HookedRootModule):
             self.hook_point(name)
         elif not callable(name):
             raise TypeError(f"a hook is attached by name (str) or by a filter fn(name) -> bool; got {type(name).__name__}")
-        _check_hook_function(hook)
+        check_hook_function(hook)
 
     def hook_point(self, name: str) -> CachedDecodingHookPoint:
         """The hook point called `name`; an unknown name is an error that lists the close matches."""
