@@ -124,3 +124,21 @@ def test_load_options_go_to_from_pretrained_and_a_built_model_is_wrapped_gpt2(tm
         ic.load("llama")
     with pytest.raises(TypeError, match="load takes 'zoo:<name>', a checkpoint folder"):
         ic.load(3)
+
+
+def test_a_filled_cache_continues_as_in_transformers_or_says_what_to_pass_llama():
+    model = hooked("llama")
+    ids, mask = padded_batch(model)
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    whole = first.sequences
+    whole_mask = torch.cat([mask, torch.ones_like(whole[:, mask.shape[1]:])], dim=1)
+    continued = model.generate(whole, attention_mask=whole_mask, max_new_tokens=3, do_sample=False,
+                               past_key_values=first.past_key_values)
+    assert torch.equal(continued, model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False))
+    cache = first.past_key_values
+    with pytest.raises(ValueError, match="filled with a batch of 2 rows; input_ids has 1"):
+        model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=2, past_key_values=cache)
+    with pytest.raises(ValueError, match=r"already holds \d+ token slots; as in transformers, a continuation passes"):
+        model.generate(ids[:, -2:], max_new_tokens=2, past_key_values=cache)
+    empty = model.generate(ids, attention_mask=mask, max_new_tokens=0, return_dict_in_generate=True)
+    assert torch.equal(empty.sequences, ids)

@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from interp_cache.cache.hooked_cache import HookedCache
 
 
 def validate_generation_kwargs(input_ids: torch.Tensor, kwargs: dict[str, Any]) -> None:
@@ -39,6 +42,26 @@ def validate_generation_kwargs(input_ids: torch.Tensor, kwargs: dict[str, Any]) 
             raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
 
 
+def _check_reused_cache(cache, input_ids: torch.Tensor) -> None:
+    """A cache that already ran continues a sequence as transformers does: `input_ids` is the whole sequence
+    (what the cache holds, then the new tokens) and the batch is the one the cache was filled with."""
+    if not isinstance(cache, HookedCache) or cache.forward_count == 0:
+        return
+    rows = cache.layers[0].keys.shape[0]
+    if input_ids.shape[0] != rows:
+        raise ValueError(
+            f"this cache was filled with a batch of {rows} rows; input_ids has {input_ids.shape[0]}: continue "
+            "with the same batch, or start from a fresh cache (model.new_cache())"
+        )
+    held = cache.logical_length
+    if input_ids.shape[1] <= held:
+        raise ValueError(
+            f"this cache already holds {held} token slots; as in transformers, a continuation passes the whole "
+            f"sequence -- those {held} slots, then the new tokens (e.g. the previous output's sequences) -- with "
+            f"an attention mask over all of it; input_ids has {input_ids.shape[1]}. Or start from a fresh cache."
+        )
+
+
 def generate(
     model,
     input_ids: torch.Tensor,
@@ -47,7 +70,10 @@ def generate(
 ):
     """Token ids `[batch * num_return_sequences, prompt + new]`, prompt included, as transformers returns."""
     validate_generation_kwargs(input_ids, kwargs)
+    _check_reused_cache(kwargs.get("past_key_values"), input_ids)
     if kwargs.get("max_new_tokens") == 0:
+        if kwargs.get("return_dict_in_generate"):
+            return GenerateDecoderOnlyOutput(sequences=input_ids.clone(), past_key_values=kwargs.get("past_key_values"))
         return input_ids.clone()
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
