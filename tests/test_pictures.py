@@ -54,3 +54,28 @@ def test_heatmap_cli_refuses_zero_new_tokens_and_a_missing_directory_before_any_
     out = tmp_path / "x.png"
     assert main(["heatmap", "--model", "zoo:gpt2", "--prompt", "Hi", "--max-new-tokens", "0", "--out", str(out)]) == 2
     assert "--max-new-tokens must be >= 1" in capsys.readouterr().err and not out.exists()
+
+
+def test_attention_map_has_colour_bar_token_labels_boundary_and_readable_budget_text():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from interp_cache.analysis.pictures import draw_attention, draw_budgets
+
+    pattern = torch.tensor([[1.0, float("nan"), float("nan")], [0.5, 0.5, float("nan")], [0.2, 0.3, 0.5]])
+    figure, (left, right) = plt.subplots(1, 2)
+    draw_attention(left, pattern, "t", prompt_length=2, token_labels=["a", "b", "c"])
+    assert [label.get_text() for label in left.get_xticklabels()] == ["a", "b", "c"]
+    assert any(line.get_ydata()[0] == 1.5 for line in left.lines)  # the prefill | decode boundary
+    draw_budgets(right, torch.tensor([[2, 9], [9, 2]]), "b")
+    assert len(figure.axes) == 4  # each map has its colour bar
+    colours = {text.get_text(): text.get_color() for text in right.texts}
+    assert colours == {"9": "black", "2": "white"}  # dark text on the light end of the map, light on the dark
+    figure2, axis = plt.subplots()
+    draw_attention(axis, torch.rand(60, 60).tril(), "long", prompt_length=50)
+    figure2.canvas.draw()
+    ticks = axis.get_xticks()
+    assert all(float(t).is_integer() for t in ticks)
+    plt.close("all")

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from interp_cache.compress import EvictionPolicy
 
 
 @dataclass
@@ -31,26 +30,48 @@ def unread_mask(pattern_tt: torch.Tensor) -> torch.Tensor:
     return allowed & torch.isnan(pattern_tt)
 
 
-def draw_attention(ax, pattern_tt: torch.Tensor, title: str) -> None:
+MAX_TOKEN_LABELS = 48  # beyond this many positions, ticks are plain integers
+
+
+def draw_attention(ax, pattern_tt: torch.Tensor, title: str, prompt_length: int | None = None,
+                   token_labels: list[str] | None = None) -> None:
+    """The map with a colour bar, integer (or token) ticks and the prefill / decode boundary."""
     import numpy as np
     from matplotlib.colors import ListedColormap
+    from matplotlib.ticker import MaxNLocator
 
     values = pattern_tt.float().numpy()
-    ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0.0, vmax=float(np.nanmax(values)),
-              interpolation="nearest")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0.0, vmax=float(np.nanmax(values)),
+                      interpolation="nearest")
     unread = unread_mask(pattern_tt).numpy()
     ax.imshow(np.ma.masked_where(~unread, unread), cmap=ListedColormap(["red"]), interpolation="nearest")
+    ax.figure.colorbar(image, ax=ax, label="attention weight", fraction=0.046, pad=0.04)
+    t = values.shape[-1]
+    if token_labels is not None and t <= MAX_TOKEN_LABELS:
+        ax.set_xticks(range(t), token_labels, rotation=90, fontsize=6)
+        ax.set_yticks(range(t), token_labels, fontsize=6)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if prompt_length is not None and 0 < prompt_length < t:
+        boundary = prompt_length - 0.5
+        ax.axhline(boundary, color="white", linestyle="--", linewidth=0.8)
+        ax.axvline(boundary, color="white", linestyle="--", linewidth=0.8)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("key position")
-    ax.set_ylabel("query position")
+    ax.set_ylabel("query position (dashed: prefill | decode)" if prompt_length else "query position")
 
 
 def draw_budgets(ax, kept_lg: torch.Tensor, title: str) -> None:
     layers, heads = kept_lg.shape
     image = ax.imshow(kept_lg.numpy(), cmap="magma", aspect="auto", interpolation="nearest")
+    low, high = float(kept_lg.min()), float(kept_lg.max())
     for layer in range(layers):
         for head in range(heads):
-            ax.text(head, layer, str(int(kept_lg[layer, head])), ha="center", va="center", fontsize=7, color="cyan")
+            value = float(kept_lg[layer, head])
+            bright = high > low and (value - low) / (high - low) > 0.6  # magma is light at the top
+            ax.text(head, layer, str(int(value)), ha="center", va="center", fontsize=7,
+                    color="black" if bright else "white")
     ax.set_xticks(range(heads))
     ax.set_yticks(range(layers))
     ax.set_xlabel("KV head")
@@ -88,12 +109,14 @@ def heatmap(
     cache = model.new_cache(compress=compress)
     name = f"blocks.{layer}.attn.hook_pattern"
     with model.record(name) as rec:
-        model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, past_key_values=cache)
+        generated = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, past_key_values=cache)
     pattern_tt = rec.stacked(name)[0, head]
     policy = "no compression" if compress is None else repr(compress)
-    kept = cache.kept_counts()[:, 0] if isinstance(compress, EvictionPolicy) else None
-    figure, axes = plt.subplots(1, 1 if kept is None else 2, figsize=(6 if kept is None else 11, 5), squeeze=False)
-    draw_attention(axes[0, 0], pattern_tt, f"{model.family} layer {layer} head {head}\n{policy}\nred: not read")
+    kept = cache.kept_counts()[:, 0] if compress is not None and compress.evicts else None
+    labels = [repr(model.tokenizer.decode([token]))[1:-1] for token in generated[0, : pattern_tt.shape[-1]].tolist()]
+    figure, axes = plt.subplots(1, 1 if kept is None else 2, figsize=(7 if kept is None else 12, 6), squeeze=False)
+    draw_attention(axes[0, 0], pattern_tt, f"{model.family} layer {layer} head {head}\n{policy}\nred: not read",
+                   prompt_length=input_ids.shape[1], token_labels=labels)
     if kept is not None:
         draw_budgets(axes[0, 1], kept, "entries kept per layer and KV head")
     figure.tight_layout()

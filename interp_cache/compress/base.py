@@ -69,6 +69,7 @@ class CompressionPolicy:
     """Base of every policy. Subclasses are dataclasses of their parameters, validated in `__post_init__`,
     and register under a spec name: `class SnapKV(EvictionPolicy, name="snapkv")`."""
 
+    evicts: ClassVar[bool] = False  # True: removes entries (eviction); False: keeps them all (selection, Quest)
     evicts_during_decoding: ClassVar[bool] = False  # False: compresses after multi-token forwards only
     keeps_entry_scores: ClassVar[bool] = False  # True: the cache keeps a running score per entry for it
     wraps: ClassVar[str | None] = None  # the field holding another policy this one builds on (AdaKV: "base")
@@ -114,6 +115,8 @@ class CompressionPolicy:
 
 
 class EvictionPolicy(CompressionPolicy):
+    evicts = True
+
     def compresses_now(self, context: ForwardContext) -> bool:
         return self.evicts_during_decoding or context.num_new > 1
 

@@ -51,6 +51,8 @@ class HeadWise(CompressionPolicy, name="headwise"):
     heads: Mapping[tuple[int, int], Member] = field(default_factory=dict)
     default: Member = None
 
+    evicts = True
+
     def __post_init__(self):
         if not isinstance(self.heads, Mapping):
             raise ValueError(
