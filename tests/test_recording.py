@@ -371,3 +371,28 @@ def test_recording_a_stepper_sees_each_step_and_its_positions():
     real = attention_mask.sum(-1)
     assert torch.equal(calls[3].positions[:, 0], real + 2)
     assert calls[0].is_padding.sum() == (attention_mask == 0).sum()
+
+
+def test_a_run_that_raises_leaves_a_partial_recording_of_the_completed_steps_llama(tmp_path):
+    model = hooked("llama")
+    ids, mask = padded_batch(model)
+
+    def fail_at_step_3(activation, hook):
+        if hook.step == 3:
+            raise RuntimeError("boom at step 3")
+
+    names = ["blocks.0.attn.hook_z", "blocks.1.attn.hook_z"]
+    with pytest.raises(RuntimeError, match="boom"):
+        with model.record(names) as rec:
+            with model.hooks(fwd_hooks=[("blocks.1.attn.hook_q", fail_at_step_3)]):
+                model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert rec.partial and "RuntimeError: boom at step 3" in rec.interrupted_by
+    for name in names:  # steps 0-2 completed; step 3's layer-0 call (made before the error) is dropped
+        assert [call.step for call in rec[name]] == [0, 1, 2]
+    assert "partial: steps <= 2 kept" in repr(rec)
+    rec.save(tmp_path / "r")
+    loaded = Recording.load(tmp_path / "r")
+    assert loaded.partial and loaded.interrupted_by == rec.interrupted_by
+    with model.record(names) as complete:
+        model(ids, attention_mask=mask)
+    assert not complete.partial and complete.interrupted_by is None

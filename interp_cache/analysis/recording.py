@@ -59,6 +59,11 @@ class Recording:
         # forward; equal values are stored once per step. Keyed by (dtype, shape).
         self._metadata_memo: dict[tuple, list[torch.Tensor]] = {}
         self._memo_step: int | None = None
+        # A run that raised leaves the recording partial: the steps whose forward completed, and why it stopped.
+        self.partial = False
+        self.interrupted_by: str | None = None
+        self._last_step_seen: int | None = None
+        self._complete_through: int | None = None  # the last step whose forward completed
 
     def __getitem__(self, name: str) -> list[RecordedCall]:
         if name not in self.calls:
@@ -71,7 +76,8 @@ class Recording:
 
     def __repr__(self) -> str:
         num_calls = sum(len(calls) for calls in self.calls.values())
-        return f"Recording(hooks={len(self.order)}, calls={num_calls}, nbytes={self.nbytes})"
+        partial = f", partial: steps <= {self._complete_through} kept, {self.interrupted_by}" if self.partial else ""
+        return f"Recording(hooks={len(self.order)}, calls={num_calls}, nbytes={self.nbytes}{partial})"
 
     def names(self) -> list[str]:
         return list(self.order)
@@ -82,6 +88,7 @@ class Recording:
 
     # -- recording -----------------------------------------------------------------------------------
     def hook(self, activation: torch.Tensor, hook) -> None:
+        self._last_step_seen = hook.step
         if hook.step != self._memo_step:
             self._metadata_memo.clear()
             self._memo_step = hook.step
@@ -94,6 +101,21 @@ class Recording:
         self.calls[hook.name].append(RecordedCall(
             hook.step, self._keep(hook.positions), self._keep(hook.is_padding), key_positions, self._keep(activation),
         ))
+
+    def _forward_completed(self) -> None:
+        if self._last_step_seen is not None:
+            self._complete_through = self._last_step_seen
+
+    def _stop_partial(self, error: BaseException) -> None:
+        """Keep the calls of forwards that completed; those of the forward that raised are dropped."""
+        self.partial = True
+        self.interrupted_by = f"interrupted by {type(error).__name__}: {error}"
+        last = -1 if self._complete_through is None else self._complete_through
+        for name in list(self.order):
+            self.calls[name] = [call for call in self.calls[name] if call.step <= last]
+            if not self.calls[name]:
+                del self.calls[name], self.layouts[name], self.layers[name]
+                self.order.remove(name)
 
     def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
         dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else tensor.dtype
@@ -205,6 +227,7 @@ class Recording:
         recording.order = loaded.order
         recording.layouts, recording.layers = loaded.layouts, loaded.layers
         recording.calls = {name: [RecordedCall(**call) for call in calls] for name, calls in loaded.calls.items()}
+        recording.partial, recording.interrupted_by = loaded.partial is not None, loaded.partial
         return recording
 
 
@@ -229,11 +252,18 @@ def as_filter(names_filter) -> Callable[[str], bool]:
 
 @contextlib.contextmanager
 def record(model, names_filter=None, device="cpu", dtype=None) -> Iterator[Recording]:
-    """Attach a recording hook to every matching hook point for the duration of the block."""
+    """Attach a recording hook to every matching hook point for the duration of the block. If the block
+    raises, the recording keeps the steps whose forward completed and says it is partial
+    (`recording.partial`, `recording.interrupted_by`); the error propagates."""
     check_names(model, names_filter)
     recording = Recording(names_filter, device=device, dtype=dtype)
+    completed = model.hf_model.register_forward_hook(lambda *args: recording._forward_completed())
     try:
         with model.hooks(fwd_hooks=[(recording.names_filter, recording.hook)]):
             yield recording
+    except BaseException as error:
+        recording._stop_partial(error)
+        raise
     finally:
+        completed.remove()
         recording._forget_memo()

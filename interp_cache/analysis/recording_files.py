@@ -35,6 +35,7 @@ class LoadedRecording(NamedTuple):
     layouts: dict[str, HookLayout]
     layers: dict[str, int | None]
     record_dtype: torch.dtype | None
+    partial: str | None  # why recording stopped early (the run raised), or None for a complete recording
 
 
 def save_recording(recording, path: str | os.PathLike) -> None:
@@ -93,6 +94,7 @@ def save_recording(recording, path: str | os.PathLike) -> None:
         "layers": {name: recording.layers[name] for name in recording.order},
         "tensors": {key: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)} for key, t in tensors.items()},
         "calls": calls_manifest,
+        "partial": recording.interrupted_by if recording.partial else None,
     }
     os.replace(temporary_tensors, tensors_path)
     temporary_manifest = directory / (MANIFEST_FILE + ".tmp")
@@ -108,7 +110,7 @@ def load_recording(path: str | os.PathLike, device: str | torch.device = "cpu") 
       `record_dtype`, `order` (hook names in model order), `layouts` (hook name -> its `HookLayout`),
       `layers` (hook name -> layer index or null), `tensors` (key -> dtype and shape) and
       `calls` (hook name -> list of {step, positions, is_padding, key_positions (or null),
-      activation}, each a tensor key).
+      activation}, each a tensor key), and `partial` (null, or why the recording stopped early).
     - `tensors.safetensors`: every tensor under its key, bit for bit as recorded.
 
     The whole tensors file is checked against size and checksum, and every tensor against the
@@ -153,7 +155,7 @@ def load_recording(path: str | os.PathLike, device: str | torch.device = "cpu") 
                for index, entry in enumerate(manifest["calls"][name])]
         for name in manifest["order"]
     }
-    return LoadedRecording(list(manifest["order"]), calls, layouts, layers, record_dtype)
+    return LoadedRecording(list(manifest["order"]), calls, layouts, layers, record_dtype, manifest.get("partial"))
 
 
 def _sha256(path: Path) -> str:
