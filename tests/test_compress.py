@@ -479,3 +479,25 @@ def test_a_spec_string_compresses_as_the_policy_it_names_in_python_too_llama():
     assert Stepper(model, compress="quest:budget=16,page_size=4,dense_layers=1").cache.policy == Quest(16, 4, 1)
     with pytest.raises(ValueError, match="unknown compression policy 'lru'; accepted: adakv"):
         model.new_cache(compress="lru:budget=4")
+
+
+@pytest.mark.parametrize("policy", [SnapKV(budget=48, window=8), SnapKV(budget=48, window=8, pooling="avg"),
+                                    AdaKV(SnapKV(budget=48, window=8)),
+                                    Random(budget=48, seed=1), KNorm(budget=48), StreamingLLM(4, 44), H2O(24, 24),
+                                    HeadWise({(1, 0): None}, default=SnapKV(budget=48, window=8))],
+                         ids=lambda p: type(p).__name__)
+def test_a_prompt_keeps_the_same_entries_alone_and_left_padded_beside_a_longer_one_llama(policy):
+    """Padding of 37 slots (no multiple of the pooling kernel): same kept positions, same greedy tokens."""
+    model = hooked("llama")
+    generator = torch.Generator().manual_seed(0)
+    long, short = torch.randint(0, 250, (1, 120), generator=generator), torch.randint(0, 250, (1, 83), generator=generator)
+    pad = torch.full((1, 37), model.tokenizer.pad_token_id)
+    batch = torch.cat([long, torch.cat([pad, short], 1)])
+    mask = torch.cat([torch.ones(1, 120), torch.cat([torch.zeros(1, 37), torch.ones(1, 83)], 1)]).long()
+    together, alone = Stepper(model, compress=policy), Stepper(model, compress=policy)
+    together.prefill(batch, mask)
+    alone.prefill(short)
+    for layer in range(model.num_layers):
+        assert kept_sets(together.cache, layer)[1] == kept_sets(alone.cache, layer)[0], (type(policy).__name__, layer)
+    tokens = model.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, compress=policy)[1, 120:]
+    assert torch.equal(tokens, model.generate(short, max_new_tokens=8, do_sample=False, compress=policy)[0, 83:])

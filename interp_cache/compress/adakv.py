@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from interp_cache.cache.ragged import keep_from_mask
-from interp_cache.compress.base import EvictionPolicy, Observation, scores_once
+from interp_cache.compress.base import EvictionPolicy, Observation, ranked, scores_once
 from interp_cache.compress.registry import policy_classes
 from interp_cache.compress.snapkv import SnapKV
 
@@ -53,11 +53,11 @@ class AdaKV(EvictionPolicy, name="adakv"):
         b, g, k = scores_bgk.shape
         safe = int(self.alpha * budget)
         if safe:
-            guaranteed = scores_bgk.topk(safe, dim=-1).indices
+            guaranteed = ranked(scores_bgk, safe)
             boosted = torch.zeros_like(scores_bgk, dtype=torch.bool).scatter_(-1, guaranteed, True)
             boosted &= scores_bgk > -math.inf  # padding stays last
             # finfo.max, not inf: below the base's protected entries (+inf), above every ordinary score.
             scores_bgk = torch.where(boosted, scores_bgk.clamp(min=torch.finfo(scores_bgk.dtype).max), scores_bgk)
-        chosen = scores_bgk.reshape(b, g * k).topk(budget * g, dim=-1).indices
+        chosen = ranked(scores_bgk.reshape(b, g * k), budget * g)
         keep_bk = torch.zeros(b, g * k, dtype=torch.bool, device=scores_bgk.device).scatter_(1, chosen, True)
         return keep_from_mask(keep_bk.view(b, g, k))

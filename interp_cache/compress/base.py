@@ -50,9 +50,19 @@ def resolve_budget(budget: Budget, num_entries: int) -> int:
     return budget
 
 
+def ranked(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` highest scores along the last axis, ties to the older entry (lower index).
+
+    `topk` breaks ties as its kernel happens to, which changes with the tensor's length: a max-pooled
+    plateau of equal scores then kept different entries for a prompt alone and the same prompt left-padded
+    beside a longer one. Padding shifts every real entry's index alike, so "lower index first" is the same
+    choice in both."""
+    return scores.argsort(dim=-1, descending=True, stable=True)[..., :count]
+
+
 def top_per_head(scores_bgk: torch.Tensor, budget: int) -> torch.Tensor:
-    """Indices `[b, g, budget]` of each head's highest scores, ascending (stored order)."""
-    return scores_bgk.topk(budget, dim=-1).indices.sort(dim=-1).values
+    """Indices `[b, g, budget]` of each head's highest scores (ties to the older), ascending (stored order)."""
+    return ranked(scores_bgk, budget).sort(dim=-1).values
 
 
 def check_policy(policy, model) -> None:

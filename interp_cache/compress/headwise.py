@@ -23,7 +23,7 @@ import torch
 
 from interp_cache.cache.policy_interface import Observation, Proposal
 from interp_cache.cache.ragged import keep_from_mask
-from interp_cache.compress.base import CompressionPolicy, EvictionPolicy
+from interp_cache.compress.base import CompressionPolicy, EvictionPolicy, ranked
 from interp_cache.compress.registry import policy_classes
 from interp_cache.compress.streaming_llm import StreamingLLM
 from interp_cache.core.context import ForwardContext
@@ -127,8 +127,8 @@ class HeadWise(CompressionPolicy, name="headwise"):
         """Each head's own budget of its top scores (padding, at -inf, never); -1 pads heads that keep fewer."""
         k = scores_bgk.shape[-1]
         budgets_g = torch.tensor([min(n, k) for n in budget], device=scores_bgk.device)
-        ranked = scores_bgk.topk(int(budgets_g.max()), dim=-1)
-        chosen = torch.arange(ranked.indices.shape[-1], device=scores_bgk.device) < budgets_g[:, None]
-        chosen = chosen & (ranked.values > -math.inf)
-        keep_bgk = torch.zeros_like(scores_bgk, dtype=torch.bool).scatter_(-1, ranked.indices, chosen)
+        order = ranked(scores_bgk, int(budgets_g.max()))
+        chosen = torch.arange(order.shape[-1], device=scores_bgk.device) < budgets_g[:, None]
+        chosen = chosen & (scores_bgk.gather(-1, order) > -math.inf)
+        keep_bgk = torch.zeros_like(scores_bgk, dtype=torch.bool).scatter_(-1, order, chosen)
         return keep_from_mask(keep_bgk)
