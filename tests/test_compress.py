@@ -482,12 +482,15 @@ def test_a_spec_string_compresses_as_the_policy_it_names_in_python_too_llama():
 
 
 @pytest.mark.parametrize("policy", [SnapKV(budget=48, window=8), SnapKV(budget=48, window=8, pooling="avg"),
-                                    AdaKV(SnapKV(budget=48, window=8)),
+                                    PyramidKV(budget=48, window=8), AdaKV(SnapKV(budget=48, window=8)),
+                                    SnapKV(budget=0.3), KNorm(budget=0.25), AdaKV(PyramidKV(budget=0.4)),
+                                    Random(budget=0.5),
                                     Random(budget=48, seed=1), KNorm(budget=48), StreamingLLM(4, 44), H2O(24, 24),
                                     HeadWise({(1, 0): None}, default=SnapKV(budget=48, window=8))],
-                         ids=lambda p: type(p).__name__)
+                         ids=lambda p: f"{type(p).__name__}-{getattr(p, 'budget', '')}")
 def test_a_prompt_keeps_the_same_entries_alone_and_left_padded_beside_a_longer_one_llama(policy):
-    """Padding of 37 slots (no multiple of the pooling kernel): same kept positions, same greedy tokens."""
+    """Padding of 37 slots (no multiple of the pooling kernel): same kept positions, same greedy tokens.
+    Ratio budgets resolve over each row's real entries, so the two rows keep different counts."""
     model = hooked("llama")
     generator = torch.Generator().manual_seed(0)
     long, short = torch.randint(0, 250, (1, 120), generator=generator), torch.randint(0, 250, (1, 83), generator=generator)

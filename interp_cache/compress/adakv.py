@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from interp_cache.cache.ragged import keep_from_mask
-from interp_cache.compress.base import EvictionPolicy, Observation, ranked, scores_once
+from interp_cache.compress.base import EvictionPolicy, Observation, keep_ranked, ranked, scores_once
 from interp_cache.compress.registry import policy_classes
 from interp_cache.compress.snapkv import SnapKV
 
@@ -49,8 +49,16 @@ class AdaKV(EvictionPolicy, name="adakv"):
     def scores(self, obs: Observation, running_bgk):
         return self.base.scores(obs, running_bgk)
 
-    def choose_keep(self, scores_bgk: torch.Tensor, budget: int) -> torch.Tensor:
+    def choose_keep(self, scores_bgk: torch.Tensor, budget: int | torch.Tensor) -> torch.Tensor:
+        """Per row, the `budget * heads` highest scores of the layer (each head's top `alpha * budget` first)."""
         b, g, k = scores_bgk.shape
+        if isinstance(budget, torch.Tensor):  # rows differ (ratio budgets over each row's real entries)
+            per_row = budget[:, 0]
+            safe = (self.alpha * per_row).long()
+            if bool((safe > 0).any()):
+                boosted = keep_ranked(scores_bgk, safe[:, None].expand(b, g))
+                scores_bgk = torch.where(boosted, scores_bgk.clamp(min=torch.finfo(scores_bgk.dtype).max), scores_bgk)
+            return keep_from_mask(keep_ranked(scores_bgk.reshape(b, g * k), per_row * g).view(b, g, k))
         safe = int(self.alpha * budget)
         if safe:
             guaranteed = ranked(scores_bgk, safe)

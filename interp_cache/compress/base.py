@@ -21,6 +21,7 @@ from typing import ClassVar
 import torch
 
 from interp_cache.cache.policy_interface import Observation, Proposal, ReadChoice
+from interp_cache.cache.ragged import keep_from_mask
 from interp_cache.cache.storage import StoredEntries
 from interp_cache.compress.registry import policy_names, register
 from interp_cache.core.context import ForwardContext
@@ -58,6 +59,15 @@ def ranked(scores: torch.Tensor, count: int) -> torch.Tensor:
     beside a longer one. Padding shifts every real entry's index alike, so "lower index first" is the same
     choice in both."""
     return scores.argsort(dim=-1, descending=True, stable=True)[..., :count]
+
+
+def keep_ranked(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool mask over the last axis: each slice's `counts` highest scores (ties to the older), never one at -inf
+    (padding). `counts` has the shape of `scores` without its last axis."""
+    order = ranked(scores, min(int(counts.max()), scores.shape[-1]))
+    chosen = torch.arange(order.shape[-1], device=scores.device) < counts[..., None].to(scores.device)
+    chosen &= scores.gather(-1, order) > -math.inf
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, chosen)
 
 
 def top_per_head(scores_bgk: torch.Tensor, budget: int) -> torch.Tensor:
@@ -119,8 +129,11 @@ class CompressionPolicy:
         """Scores of the entries attention read, with the budget, or None to keep them all."""
         return None
 
-    def choose_keep(self, scores_bgk: torch.Tensor, budget: int) -> torch.Tensor:
-        """Indices `[b, g, n]` into the entries read (-1 pads heads that keep fewer)."""
+    def choose_keep(self, scores_bgk: torch.Tensor, budget: int | torch.Tensor) -> torch.Tensor:
+        """Indices `[b, g, n]` into the entries read (-1 pads heads that keep fewer). `budget`: entries per head,
+        or `[b, g]` per row and head where they differ (ratio budgets over each row's real entries, HeadWise)."""
+        if isinstance(budget, torch.Tensor):
+            return keep_from_mask(keep_ranked(scores_bgk, budget))
         return top_per_head(scores_bgk, budget)
 
 
@@ -146,11 +159,24 @@ class EvictionPolicy(CompressionPolicy):
         if not self.compresses_now(obs.context):
             return None
         running = self.running_scores(obs)
-        budget = self.layer_budget(obs.layer_idx, obs.num_layers, obs.num_entries)
-        if obs.num_entries <= budget:
+        budget = self.row_budgets(obs)
+        if budget is None:
             return None if running is None else Proposal(None, running_scores=running)
         scores = self.scores(obs, running).masked_fill(obs.positions_bgk < 0, -math.inf)
         return Proposal(scores, budget, running)
+
+    def row_budgets(self, obs: Observation) -> int | torch.Tensor | None:
+        """Entries per head: one int, or `[b, g]` where rows differ. Each row's budget is resolved over its own
+        real entries (padding is not counted), so a prompt's budget does not depend on its batch neighbours.
+        None where every row's budget covers its real entries: nothing is evicted, padding included."""
+        real_b = (obs.positions_bgk >= 0).sum(-1).amax(-1)
+        counts = real_b.tolist()
+        budgets = [self.layer_budget(obs.layer_idx, obs.num_layers, max(1, n)) for n in counts]
+        if all(budget >= n for budget, n in zip(budgets, counts)):
+            return None
+        if len(set(budgets)) == 1:
+            return budgets[0]
+        return torch.tensor(budgets, device=real_b.device)[:, None].expand(-1, obs.positions_bgk.shape[1])
 
 
 def scores_once(policy_class: type) -> bool:

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from interp_cache.cache.policy_interface import Observation, Proposal
-from interp_cache.cache.ragged import keep_from_mask
-from interp_cache.compress.base import CompressionPolicy, EvictionPolicy, ranked
+from interp_cache.compress.base import CompressionPolicy, EvictionPolicy
 from interp_cache.compress.registry import policy_classes
 from interp_cache.compress.streaming_llm import StreamingLLM
 from interp_cache.core.context import ForwardContext
@@ -100,14 +99,16 @@ class HeadWise(CompressionPolicy, name="headwise"):
         return any(member.compresses_now(context) for member in self._members())
 
     def propose_eviction(self, obs: Observation) -> Proposal | None:
-        """Each head's scores and budget from its own member; heads whose member keeps all score +inf."""
+        """Each head's scores and budget from its own member; heads whose member keeps all score +inf (padding
+        -inf) with a budget of every entry."""
         if not self.compresses_now(obs.context):
             return None
         positions = obs.positions_bgk
-        g, k = positions.shape[1], positions.shape[-1]
+        b, g, k = positions.shape
         keep_all = torch.full_like(positions, math.inf, dtype=torch.float32).masked_fill(positions < 0, -math.inf)
+        budget_bg = torch.full((b, g), k, dtype=torch.long, device=positions.device)
         proposals = {}
-        scores_per_head, budgets = [], []
+        scores_per_head = []
         for kv_head in range(g):
             member = self.member_of(obs.layer_idx, kv_head)
             if member is not None and id(member) not in proposals:
@@ -115,20 +116,10 @@ class HeadWise(CompressionPolicy, name="headwise"):
             proposal = None if member is None else proposals[id(member)]
             if proposal is None or proposal.scores is None:
                 scores_per_head.append(keep_all[:, kv_head])
-                budgets.append(k)
-            else:
-                scores_per_head.append(proposal.scores[:, kv_head].float())
-                budgets.append(proposal.budget)
-        if all(budget >= k for budget in budgets):
+                continue
+            scores_per_head.append(proposal.scores[:, kv_head].float())
+            member_budget = proposal.budget
+            budget_bg[:, kv_head] = member_budget[:, kv_head] if isinstance(member_budget, torch.Tensor) else member_budget
+        if bool((budget_bg >= k).all()):
             return None
-        return Proposal(torch.stack(scores_per_head, dim=1), tuple(budgets))
-
-    def choose_keep(self, scores_bgk: torch.Tensor, budget: tuple[int, ...]) -> torch.Tensor:
-        """Each head's own budget of its top scores (padding, at -inf, never); -1 pads heads that keep fewer."""
-        k = scores_bgk.shape[-1]
-        budgets_g = torch.tensor([min(n, k) for n in budget], device=scores_bgk.device)
-        order = ranked(scores_bgk, int(budgets_g.max()))
-        chosen = torch.arange(order.shape[-1], device=scores_bgk.device) < budgets_g[:, None]
-        chosen = chosen & (scores_bgk.gather(-1, order) > -math.inf)
-        keep_bgk = torch.zeros_like(scores_bgk, dtype=torch.bool).scatter_(-1, order, chosen)
-        return keep_from_mask(keep_bgk)
+        return Proposal(torch.stack(scores_per_head, dim=1), budget_bg)

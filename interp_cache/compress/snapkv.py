@@ -71,11 +71,17 @@ class SnapKV(EvictionPolicy, name="snapkv"):
         return budget
 
     def scores(self, obs: Observation, running_bgk):
-        window = min(self.window_for(obs.num_entries), obs.context.num_new)
-        votes_bgk = obs.attention_received(last_queries=window)
+        # Each row's window from its own real entries (it can differ only for window=None and ratio budgets).
+        real_b = (obs.positions_bgk >= 0).sum(-1).amax(-1).tolist()
+        windows = [min(self.window_for(max(1, n)), obs.context.num_new) for n in real_b]
+        votes_bgk = obs.attention_received(last_queries=windows[0])
+        for window in set(windows) - {windows[0]}:
+            rows = [row for row, w in enumerate(windows) if w == window]
+            votes_bgk[rows] = obs.attention_received(last_queries=window)[rows]
         b, g, k = votes_bgk.shape
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
         pooled = pool(votes_bgk.view(b * g, 1, k), kernel_size=self.kernel, stride=1, padding=self.kernel // 2)
         pooled = pooled.view(b, g, k)
-        pooled[:, :, k - window :] = math.inf  # the observation window itself: this forward's last tokens
+        for row, window in enumerate(windows):  # the observation window itself: this forward's last tokens
+            pooled[row, :, k - window :] = math.inf
         return pooled
