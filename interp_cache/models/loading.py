@@ -1,7 +1,7 @@
 """`load(name)`: a HookedModel from the zoo (`zoo:<family>`, `zoo:<trained model>`), a local checkpoint or a
 hub name.
 
-Random-weight zoo models are built from configs; the trained ones (`zoo:needle`, `zoo:needle-alibi`) are
+Random-weight zoo models are built from configs; the trained ones (`zoo:needle`) are
 checkpoints shipped in the package. Both use the offline byte tokenizer. Checkpoints go through
 transformers' `from_pretrained` and the same wrapping code, so a real model is treated exactly like a zoo
 model.

@@ -1,0 +1,259 @@
+"""Train the retrieval models shipped in the package: `zoo:needle` (llama-style: rotary, GQA 8/2; shipped) and
+`zoo:needle-alibi` (Bloom-style: ALiBi; its recipe does not retrieve yet, so it is not shipped), byte
+tokenizer, on 2 CPU cores.
+
+    python experiments/train_needle.py --model needle     # the shipped one, 17.5 min on 2 cores
+    python experiments/train_needle.py                    # both
+    python experiments/train_needle.py --quick --out /tmp/x   # a few steps, to check the script (tests)
+
+Three tasks, one batch mixes them:
+* passkey retrieval in the standard wording (`interp_cache.tasks.passkey`), needle at a uniform depth;
+* multi-key associative recall: `Code abc is 1234.` lines among filler, then `What is code abc? Code abc is`
+  questions -- the answer needs the three-letter name matched, a different head than the passkey's;
+* copying a random repeated string, which is what makes induction heads form early (measured: without it
+  the mixture sat at chance for 1,300 steps; with it the copy loss falls from step ~700);
+* a fixed trigram language, in the copy phase only: under ALiBi, copying alone sat at chance for 3,000
+  steps (no position tells a head which token came just before); with half the rows needing the previous
+  token the copy loss fell from step ~1,000.
+Training runs in three phases: short copies first (where the induction circuit forms cheaply), then all
+three tasks at moderate lengths, then at full length. The loss weighs answer tokens 1 and the rest 0.02 (the filler is
+learned at once and would otherwise drown the retrieval signal).
+
+Deterministic from `--seed` with the same torch build and thread count: the data come from one
+`random.Random(seed)`, the weights from `torch.manual_seed(seed)`. The ALiBi model is trained on prompts
+of at most 1050 tokens and tested up to 2048 (and beyond in the study) to measure how far ALiBi
+extrapolates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers as tf
+
+from interp_cache.models.hooked_model import HookedModel
+from interp_cache.models.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
+from interp_cache.models.trained import TRAINED_DIR
+from interp_cache.tasks.passkey import FILLER, passkey_prompt, random_passkey
+
+ANSWER_WEIGHT, CONTEXT_WEIGHT = 1.0, 0.02
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+@dataclass(frozen=True)
+class Phase:
+    steps: int
+    lengths: tuple[int, int]  # sequence lengths drawn uniformly from this range (tokens)
+    tokens_per_step: int
+    task_mix: tuple[float, float, float, float]  # passkey, recall, copy, trigram
+    peak_lr: float
+    # The copy phase holds its learning rate and ends once induction has formed (the answer loss over the
+    # last 20 steps below this), at most after `steps`: the step at which induction forms varies with the
+    # seed (measured 700-1300), a fixed count either wastes time or stops short. Still deterministic.
+    until_answer_nll: float | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    description: str
+    config: tf.PretrainedConfig
+    phases: tuple[Phase, ...]
+    attn_implementation: str
+    # Bloom has no SDPA in transformers: its eager attention materialises the ALiBi-biased score matrix and
+    # took 2.9 s a step where the hooked model's attention core -- the same function, max |logit diff|
+    # 1.2e-6 -- takes 1.5 s. Training runs through it and the plain transformers model is saved.
+    through_hooked_model: bool = False
+
+
+def recipes() -> dict[str, Recipe]:
+    common = dict(vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                  tie_word_embeddings=True)
+    llama = tf.LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8,
+                           num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0, **common)
+    bloom = tf.BloomConfig(hidden_size=128, n_layer=4, n_head=8, **common)
+    copy = Phase(3000, (64, 192), 2048, (0.0, 0.0, 1.0, 0.0), 3e-3, until_answer_nll=0.5)
+    mid = Phase(800, (250, 512), 4096, (0.5, 0.3, 0.2, 0.0), 2e-3)
+    # ALiBi gives no head a clean view of the previous token, and copying alone did not form induction in
+    # 3,000 steps: its copy phase mixes in the trigram language, which needs that view at every position.
+    copy_with_trigrams = replace(copy, lengths=(96, 160), task_mix=(0.0, 0.0, 0.5, 0.5))
+    return {
+        "needle": Recipe(
+            "llama-style (rotary, GQA 8 query / 2 KV heads, 4 layers, d=128) trained on passkey retrieval "
+            "and associative recall, prompts up to 1024 tokens",
+            llama, (copy, mid, Phase(600, (250, 1050), 8192, (0.6, 0.25, 0.15, 0.0), 1e-3)), "sdpa"),
+        "needle-alibi": Recipe(
+            "Bloom-style (ALiBi, 8 heads, 4 layers, d=128) trained on passkey retrieval and associative "
+            "recall, prompts up to 1050 tokens (tested to 2048 and beyond)",
+            bloom, (copy_with_trigrams, replace(mid, steps=600), Phase(450, (400, 1050), 8192, (0.6, 0.25, 0.15, 0.0), 1e-3)),
+            "eager",
+            through_hooked_model=True),
+    }
+
+
+# -- the three tasks: token ids and a loss weight per token ---------------------------------------------
+def _encode(text: str, weight: float) -> tuple[list[int], list[float]]:
+    ids = list(text.encode("utf-8"))
+    return ids, [weight] * len(ids)
+
+
+def passkey_sample(rng: random.Random, length: int):
+    prompt = passkey_prompt(length, rng.random(), random_passkey(rng))
+    ids, weights = _encode(prompt.text, CONTEXT_WEIGHT)
+    answer_ids, answer_weights = _encode(prompt.answer + ".", ANSWER_WEIGHT)
+    # the key's second mention is copyable from its first: a short-range lesson in the same skill
+    second = prompt.needle_start + prompt.text[prompt.needle_start:].index(prompt.passkey + " is the")
+    for i in range(second, second + len(prompt.passkey)):
+        weights[i] = ANSWER_WEIGHT / 2
+    return ids + answer_ids, weights + answer_weights
+
+
+def recall_sample(rng: random.Random, length: int):
+    ids, weights = _encode("Remember the codes. ", CONTEXT_WEIGHT)
+    codes: dict[str, str] = {}
+    while len(ids) < 0.6 * length or not codes:
+        name = "".join(rng.choice(LETTERS) for _ in range(3))
+        if name in codes:
+            continue
+        codes[name] = str(rng.randrange(1000, 10000))
+        text = f"Code {name} is {codes[name]}. "
+        if rng.random() < 0.5:
+            text += FILLER[: rng.randrange(len(FILLER))].rsplit(" ", 1)[0] + " "
+        more = _encode(text, CONTEXT_WEIGHT)
+        ids, weights = ids + more[0], weights + more[1]
+    names = list(codes)
+    while len(ids) < length:
+        name = rng.choice(names)
+        for text, weight in ((f"What is code {name}? Code {name} is", CONTEXT_WEIGHT),
+                             (f" {codes[name]}", ANSWER_WEIGHT), (". ", CONTEXT_WEIGHT)):
+            more = _encode(text, weight)
+            ids, weights = ids + more[0], weights + more[1]
+    return ids[:length], weights[:length]
+
+
+def trigram_sample(rng: random.Random, length: int):
+    """A fixed trigram language (next byte = a fixed function of the two before, 80% of the time) over a
+    six-letter alphabet per sequence: predicting it needs the previous token at every position, which is
+    what lets induction form under ALiBi. Weighted half, so the copy phase's stopping rule reads copying."""
+    alphabet = [rng.randrange(32, 127) for _ in range(6)]
+    ids = [rng.choice(alphabet), rng.choice(alphabet)]
+    while len(ids) < length:
+        ids.append(TRIGRAM[ids[-2]][ids[-1]] if rng.random() < 0.8 else rng.choice(alphabet))
+    return ids, [CONTEXT_WEIGHT] * 2 + [ANSWER_WEIGHT / 2] * (length - 2)
+
+
+def copy_sample(rng: random.Random, length: int):
+    prefix = [rng.randrange(32, 127) for _ in range(rng.randrange(0, 32))]
+    segment = [rng.randrange(32, 127) for _ in range(rng.randrange(8, 48))]
+    repeats = math.ceil((length - len(prefix)) / len(segment))
+    ids = (prefix + segment * repeats)[:length]
+    first_copy = len(prefix) + len(segment)
+    weights = [CONTEXT_WEIGHT] * first_copy + [ANSWER_WEIGHT] * (len(ids) - first_copy)
+    return ids, weights[:length]
+
+
+TASKS = (passkey_sample, recall_sample, copy_sample, trigram_sample)
+_trigram_rng = random.Random(1)  # the language itself is fixed, not drawn from the training seed
+TRIGRAM = [[_trigram_rng.randrange(32, 127) for _ in range(256)] for _ in range(256)]
+
+
+def make_batch(rng: random.Random, phase: Phase) -> tuple[torch.Tensor, torch.Tensor]:
+    length = rng.randint(*phase.lengths)
+    rows = max(2, phase.tokens_per_step // length)
+    samples = []
+    for _ in range(rows):
+        task = rng.choices(TASKS, weights=phase.task_mix)[0]
+        if task is passkey_sample and length < 250:
+            task = recall_sample
+        samples.append(task(rng, length))
+    width = max(len(ids) for ids, _ in samples)
+    ids = torch.full((rows, width), PAD_ID)
+    weights = torch.zeros(rows, width)
+    for row, (sample_ids, sample_weights) in enumerate(samples):  # right-padded, padding weighs 0
+        ids[row, : len(sample_ids)] = torch.tensor(sample_ids)
+        weights[row, : len(sample_weights)] = torch.tensor(sample_weights)
+    return ids, weights
+
+
+def train(name: str, recipe: Recipe, seed: int, out_dir: Path, scale_steps: float = 1.0, log=print) -> dict:
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = tf.AutoModelForCausalLM.from_config(recipe.config, attn_implementation=recipe.attn_implementation)
+    model.train()
+    forward = HookedModel(model, tokenizer=ByteTokenizer()) if recipe.through_hooked_model else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, betas=(0.9, 0.98), weight_decay=0.01)
+    started = time.perf_counter()
+    history, phases_run = [], []
+    for phase_index, phase in enumerate(recipe.phases):
+        steps = max(1, round(phase.steps * scale_steps))
+        warmup = max(1, min(100, steps // 12))
+        for step in range(steps):
+            decay = 1.0 if phase.until_answer_nll else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))
+            for group in optimizer.param_groups:
+                group["lr"] = phase.peak_lr * min(1.0, (step + 1) / warmup) * decay
+            ids, weights = make_batch(rng, phase)
+            logits = forward(input_ids=ids).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+            target_weights = weights[:, 1:].reshape(-1)
+            loss = (nll * target_weights).sum() / target_weights.sum()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            answers = target_weights == ANSWER_WEIGHT
+            answer_nll = nll.detach()[answers].mean().item()
+            history.append(answer_nll)
+            done = phase.until_answer_nll is not None and step >= 20 and (
+                sum(history[-20:]) / 20 < phase.until_answer_nll)
+            if step % 100 == 0 or step == steps - 1 or done:
+                log(f"{name} phase {phase_index + 1} step {step}/{steps} length {ids.shape[1]} loss {loss.item():.3f} "
+                    f"answer nll {answer_nll:.3f} ({time.perf_counter() - started:.0f}s)")
+            if done:
+                break
+        phases_run.append(vars(phase) | {"steps": step + 1})
+    if forward is not model:
+        forward.unwrap()
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    record = {
+        "description": recipe.description,
+        "seed": seed,
+        "phases": phases_run,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "final_answer_nll": round(sum(history[-50:]) / len(history[-50:]), 4),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": tf.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+    }
+    (out_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=list(recipes()), action="append", help="default: both")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=TRAINED_DIR, help="parent folder of the checkpoints")
+    parser.add_argument("--quick", action="store_true", help="1%% of the steps: checks the script, trains nothing useful")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for name in args.model or list(recipes()):
+        record = train(name, recipes()[name], args.seed, args.out / name, scale_steps=0.01 if args.quick else 1.0)
+        print(f"{name}: {record['train_seconds']}s, final answer nll {record['final_answer_nll']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
