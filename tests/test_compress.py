@@ -3,14 +3,13 @@ against an independent reference, real memory savings, bad input (every family w
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import hooked, padded_batch
+from conftest import hide_entries_not_read, hooked, padded_batch, policy_with_budget
 from interp_cache.cache import HookedCacheLayer
 from interp_cache.compress import H2O, AdaKV, HeadWise, KNorm, PyramidKV, Quest, Random, SnapKV, StreamingLLM
 from interp_cache.core.attention import AttentionSpec
@@ -74,20 +73,6 @@ def test_budget_at_or_above_length_is_bitwise_identity(family):
         assert stepper.cache.physical_lengths == [ids.shape[1] + NEW_TOKENS] * model.num_layers
 
 
-def _hide_entries_not_read(read_positions_by_layer):
-    """Hooks for a dense run: per head, hide (position -1) every entry the compressed run did not read."""
-
-    def hook_for(read_bgk):
-        def hook(positions_bgk, hook):
-            read = read_bgk.to(positions_bgk.device)
-            in_read = (positions_bgk[..., :, None] == read[..., None, :]).any(-1) & (positions_bgk >= 0)
-            return positions_bgk.masked_fill(~in_read, -1)
-
-        return hook
-
-    return [(f"blocks.{i}.cache.hook_positions", hook_for(read)) for i, read in read_positions_by_layer.items()]
-
-
 @pytest.mark.parametrize("policy_index", range(len(small_policies())), ids=[type(p).__name__ for p in small_policies()])
 def test_decoding_after_eviction_equals_dense_reference_reading_the_same_entries(family, policy_index):
     """Every decode step of a compressed run == a dense run whose attention sees only the entries the
@@ -106,7 +91,7 @@ def test_decoding_after_eviction_equals_dense_reference_reading_the_same_entries
         with model.record(names) as rec:
             logits = compressed.prefill(ids, mask)[:, -1] if step == 0 else compressed.step(token)
         read = {i: rec[name][0].activation for i, name in enumerate(names)}
-        hooks = [] if step == 0 else _hide_entries_not_read(read)
+        hooks = [] if step == 0 else hide_entries_not_read(read)
         with model.hooks(fwd_hooks=hooks):
             reference = dense.prefill(ids, mask)[:, -1] if step == 0 else dense.step(token)
         worst = max(worst, (logits - reference).abs().max().item())
@@ -425,33 +410,13 @@ def test_policy_the_model_cannot_serve_raises_falcon():
         model.generate(ids, max_new_tokens=2, compress=KNorm(8), past_key_values=model.new_cache())
 
 
-def budget_only_policies(budget: int) -> list:
-    """Every registered policy built from its budget alone, everything else its default."""
-    made = []
-    for cls in policy_classes():
-        names = {f.name for f in dataclasses.fields(cls)}
-        if "budget" in names:
-            made.append(cls(budget=budget))
-        elif cls is StreamingLLM:
-            made.append(StreamingLLM(window=budget - 4))
-        elif cls is H2O:
-            made.append(H2O(heavy=budget // 2, recent=budget // 2))
-        elif cls is AdaKV:
-            made.append(AdaKV(SnapKV(budget=budget)))
-        elif cls is HeadWise:
-            made.append(HeadWise({(0, 0): None}, default=SnapKV(budget=budget)))
-        else:
-            raise AssertionError(f"no budget-only construction for {cls.__name__}: add it here")
-    return made
-
-
 @pytest.mark.parametrize("budget", [16, 24, 64, 256])
 def test_defaults_construct_and_run_on_every_zoo_model_at_every_budget(family, budget):
     """Only the budget given (SnapKV's window and Quest's dense layers take their documented defaults):
     every policy runs on every zoo model, and evicts where the prompt is longer than the budget."""
     model = hooked(family)
     ids = torch.randint(0, 250, (1, 300))
-    for policy in budget_only_policies(budget):
+    for policy in [policy_with_budget(cls, budget) for cls in policy_classes()]:
         out = model.generate(ids, max_new_tokens=2, compress=policy)
         assert out.shape == (1, 302), (family, policy)
     assert parse_policy("adakv:budget=24,alpha=0.2") == AdaKV(SnapKV(budget=24), alpha=0.2)
