@@ -15,10 +15,12 @@ DEFAULT_PROMPTS = (
     "1 2 3 4 5",
 )
 
-# Max abs logit error accepted per dtype, by kind of comparison. float32 values were set from the largest
-# error observed on correct runs over all zoo families (README, "Tolerances"), with margin.
+# Max abs logit error accepted per dtype, by kind of comparison, for logits of size `report.LOGIT_SCALE`
+# (larger logits scale it up). float32 values were set from the largest error observed on correct runs over
+# all zoo families and the trained zoo:needle (README, "Tolerances"), with margin: transformers' own eager
+# and SDPA paths differ by 7.6e-5 on zoo:needle (relative 3.9e-6), so "original" is no tighter than "cache".
 TOLERANCES = {
-    torch.float32: {"cache": 1e-4, "original": 1e-5},
+    torch.float32: {"cache": 1e-4, "original": 1e-4},
     torch.bfloat16: {"cache": 2.5e-1, "original": 2.5e-1},
     torch.float16: {"cache": 5e-2, "original": 5e-2},
 }
