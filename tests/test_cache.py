@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import torch
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import hooked, padded_batch
 from interp_cache.cache import LayerStorage
+from interp_cache.decoding import Stepper
 
 
 def test_growth_is_amortised_not_a_copy_per_step():
@@ -98,3 +100,17 @@ def test_seed_000_loop_without_mask_or_positions_is_correct():
             tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
     expected = model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None)
     assert torch.equal(torch.cat(tokens, 1), expected[:, prompt.shape[1]:])
+
+
+def test_kept_counts_count_real_entries_and_slot_counts_the_storage_gpt2():
+    model = hooked("gpt2")
+    ids, mask = padded_batch(model)
+    stepper = Stepper(model)
+    stepper.prefill(ids, mask)
+    layer = stepper.cache.layers[0]
+    real = mask.sum(-1)
+    assert layer.kept_counts()[:, 0].tolist() == real.tolist()
+    assert layer.slot_counts()[:, 0].tolist() == [ids.shape[1]] * ids.shape[0]
+    assert stepper.cache.physical_lengths == [ids.shape[1]] * model.num_layers
+    with pytest.raises(ValueError, match="holds no entries yet"):
+        model.new_cache().layers[0].kept_counts()

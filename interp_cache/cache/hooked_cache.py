@@ -92,10 +92,11 @@ class HookedCache(CacheEditing, Cache):
     @property
     def physical_lengths(self) -> list[int]:
         """Per layer, the entries attention reads per head (the longest head where heads differ)."""
-        return [0 if not layer.is_initialized else int(layer.kept_counts().max()) for layer in self.layers]
+        return [0 if not layer.is_initialized else int(layer.slot_counts().max()) for layer in self.layers]
 
     def kept_counts(self) -> torch.Tensor:
-        """`[layers, b, g]` entries each head of each layer stores: the head-wise budgets actually in use."""
+        """`[layers, b, g]` real entries each head of each layer stores (padding slots not counted): the
+        head-wise budgets actually in use."""
         return torch.stack([layer.kept_counts() for layer in self.layers])
 
     @property

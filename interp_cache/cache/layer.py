@@ -80,7 +80,15 @@ class HookedCacheLayer(CacheLayerMixin):
         return self.storage.read()
 
     def kept_counts(self) -> torch.Tensor:
-        """`[b, g]` entries each head stores (padding entries included)."""
+        """`[b, g]` real entries each head stores. Padding slots are not counted -- the one rule for every
+        count a user sees: budgets (ratio budgets included) count real entries too. `slot_counts` has the
+        storage's view."""
+        if not self.is_initialized:
+            raise ValueError(f"layer {self.layer_idx} holds no entries yet: run a forward on this cache first")
+        return (self.read()[2] >= 0).sum(-1)
+
+    def slot_counts(self) -> torch.Tensor:
+        """`[b, g]` storage slots each head holds, padding slots included."""
         if not self.is_initialized:
             raise ValueError(f"layer {self.layer_idx} holds no entries yet: run a forward on this cache first")
         return self.storage.kept_counts()
