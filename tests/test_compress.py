@@ -449,7 +449,8 @@ def test_a_spec_string_compresses_as_the_policy_it_names_in_python_too_llama():
 @pytest.mark.parametrize("policy", [SnapKV(budget=48, window=8), SnapKV(budget=48, window=8, pooling="avg"),
                                     PyramidKV(budget=48, window=8), AdaKV(SnapKV(budget=48, window=8)),
                                     SnapKV(budget=0.3), KNorm(budget=0.25), AdaKV(PyramidKV(budget=0.4)),
-                                    Random(budget=0.5),
+                                    Random(budget=0.5), Quest(budget=48, page_size=16, dense_layers=1),
+                                    Quest(budget=24, page_size=8, dense_layers=0),
                                     Random(budget=48, seed=1), KNorm(budget=48), StreamingLLM(4, 44), H2O(24, 24),
                                     HeadWise({(1, 0): None}, default=SnapKV(budget=48, window=8))],
                          ids=lambda p: f"{type(p).__name__}-{getattr(p, 'budget', '')}")

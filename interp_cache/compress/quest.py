@@ -1,7 +1,9 @@
 """Quest (Tang et al., 2024): query-aware page selection. Nothing is evicted; each decode step reads only
 the pages whose keys can score highest for its query.
 
-The cache is cut into pages of `page_size` consecutive entries. As entries are written, each page's
+The cache is cut into pages of `page_size` consecutive entries, each row's pages starting at real positions
+that are multiples of `page_size` (a left-padded row's page grid is shifted by its padding), so a prompt's
+pages -- and what it reads -- are the same alone or beside a longer one. As entries are written, each page's
 elementwise minimum and maximum key (over real, non-padding entries) are kept up to date. At a decode
 step (one new token per row) in a layer at or above `dense_layers`, every page gets the upper bound
 
@@ -35,6 +37,7 @@ from interp_cache.compress.base import (
     CompressionPolicy,
     check_budget,
     check_int,
+    ranked,
     resolve_budget,
 )
 from interp_cache.core.context import PADDING_POSITION
@@ -80,42 +83,77 @@ class Quest(CompressionPolicy, name="quest"):
             return
         size = self.page_size
         b, g, n, d = stored.keys.shape
-        first_page, num_pages = start // size, math.ceil(n / size)
+        shift_b = self._page_shifts(stored, start, state)
+        max_shift = int(shift_b.max())
+        first_page = (start + int(shift_b.min())) // size
+        num_pages = math.ceil((n + max_shift) / size)
         if "page_max_min_bgen" not in state or state["page_max_min_bgen"].shape[-1] < num_pages:
-            old_capacity = state["page_max_min_bgen"].shape[-1] if state else 0
+            old = {name: state[name] for name in ("page_max_min_bgen", "page_last_position") if name in state}
+            old_capacity = old["page_max_min_bgen"].shape[-1] if old else 0
             capacity = max(num_pages, old_capacity + old_capacity // 2)
             grown = {
                 # rows 0..d-1: the page's elementwise max key, rows d..2d-1: its min (one matmul scores both)
                 "page_max_min_bgen": stored.keys.new_empty((b, g, 2 * d, capacity)),
                 "page_last_position": stored.positions.new_full((b, g, capacity), PADDING_POSITION),
             }
-            for name, old in state.items():
-                grown[name][..., : old.shape[-1]] = old
+            for name, tensor in old.items():
+                grown[name][..., : tensor.shape[-1]] = tensor
             state.update(grown)
-        # Whole pages as one [b, g, pages, size, d] view; a partial last page on its own (no padding copy).
-        whole_end = min(n, num_pages * size) // size * size
-        for lo, hi in ((first_page * size, whole_end), (max(first_page * size, whole_end), n)):
-            if hi <= lo:
-                continue
-            pages = math.ceil((hi - lo) / size)
-            per_page = (hi - lo) // pages
-            keys = stored.keys[:, :, lo:hi].reshape(b, g, pages, per_page, d)
-            positions = stored.positions[:, :, lo:hi].reshape(b, g, pages, per_page)
+        if max_shift:
+            spans = [self._shifted_pages(stored, shift_b, first_page, num_pages)]
+        else:
+            spans = self._aligned_pages(stored, first_page, num_pages)
+        for page_start, keys_bgpsd, positions_bgps in spans:
             if stored.has_padding:  # bounds over real entries only
-                real = (positions >= 0)[..., None]
-                page_min = keys.masked_fill(~real, math.inf).amin(3)
-                page_max = keys.masked_fill(~real, -math.inf).amax(3)
+                real = (positions_bgps >= 0)[..., None]
+                page_min = keys_bgpsd.masked_fill(~real, math.inf).amin(3)
+                page_max = keys_bgpsd.masked_fill(~real, -math.inf).amax(3)
             else:
-                page_min, page_max = keys.amin(3), keys.amax(3)
-            page = slice(lo // size, lo // size + pages)
+                page_min, page_max = keys_bgpsd.amin(3), keys_bgpsd.amax(3)
+            page = slice(page_start, page_start + keys_bgpsd.shape[2])
             state["page_max_min_bgen"][:, :, :d, page] = page_max.transpose(-1, -2)
             state["page_max_min_bgen"][:, :, d:, page] = page_min.transpose(-1, -2)
-            state["page_last_position"][..., page] = positions.amax(3)
+            state["page_last_position"][..., page] = positions_bgps.amax(3)
+
+    def _page_shifts(self, stored: StoredEntries, start: int, state: dict) -> torch.Tensor:
+        """`[b]` slots each row's page grid is shifted by, so that pages start at real positions that are
+        multiples of `page_size` whatever the row's left padding: a prompt's pages are the same alone or
+        padded beside a longer one. Fixed when the row's first entries are written (start 0)."""
+        if start == 0 or "page_shift_b" not in state:
+            leading_padding_b = (stored.positions[:, 0] >= 0).int().argmax(-1)
+            state["page_shift_b"] = (-leading_padding_b) % self.page_size
+        return state["page_shift_b"]
+
+    def _aligned_pages(self, stored: StoredEntries, first_page: int, num_pages: int):
+        """Whole pages as one `[b, g, pages, size, d]` view; a partial last page on its own (no copy)."""
+        size = self.page_size
+        b, g, n, d = stored.keys.shape
+        whole_end = min(n, num_pages * size) // size * size
+        for lo, hi in ((first_page * size, whole_end), (max(first_page * size, whole_end), n)):
+            if hi > lo:
+                pages = math.ceil((hi - lo) / size)
+                per_page = (hi - lo) // pages
+                yield (lo // size, stored.keys[:, :, lo:hi].reshape(b, g, pages, per_page, d),
+                       stored.positions[:, :, lo:hi].reshape(b, g, pages, per_page))
+
+    def _shifted_pages(self, stored: StoredEntries, shift_b: torch.Tensor, first_page: int, num_pages: int):
+        """Pages `first_page..num_pages-1` of each row's shifted grid, gathered (slots outside: padding)."""
+        size = self.page_size
+        b, g, n, d = stored.keys.shape
+        virtual = torch.arange(first_page * size, num_pages * size, device=stored.keys.device)
+        slot_bv = virtual[None, :] - shift_b[:, None]
+        outside_bv = (slot_bv < 0) | (slot_bv >= n)
+        index_bgv = slot_bv.clamp(0, n - 1)[:, None, :].expand(b, g, -1)
+        keys = stored.keys.gather(2, index_bgv[..., None].expand(-1, -1, -1, d))
+        positions = stored.positions.gather(2, index_bgv).masked_fill(outside_bv[:, None, :], PADDING_POSITION)
+        pages = num_pages - first_page
+        return first_page, keys.view(b, g, pages, size, d), positions.view(b, g, pages, size)
 
     # -- selection at a decode step ------------------------------------------------------------------
     def page_bounds(self, obs: Observation) -> torch.Tensor:
         """Upper bound `[b, g, pages]` of the attention score any entry of each page can get."""
-        num_pages = math.ceil(obs.num_entries / self.page_size)
+        shift_b = obs.policy_state["page_shift_b"]
+        num_pages = math.ceil((obs.num_entries + int(shift_b.max())) / self.page_size)
         page_max_min = obs.policy_state["page_max_min_bgen"][..., :num_pages]
         page_last = obs.policy_state["page_last_position"][..., :num_pages]
         spec, query_bhpd = obs.spec, obs.query_bhpd
@@ -135,14 +173,15 @@ class Quest(CompressionPolicy, name="quest"):
             query_positions_b = obs.context.positions[:, 0]
             unreachable |= page_last <= query_positions_b[:, None, None] - spec.sliding_window
         bound = bound.masked_fill(unreachable, -math.inf)
-        bound[:, :, -1] = math.inf  # the page holding the new token
+        newest_page_b = (obs.num_entries - 1 + shift_b) // self.page_size  # the page holding the new token
+        bound.scatter_(-1, newest_page_b[:, None, None].expand(b, g, 1), math.inf)
         return bound
 
     def propose_read(self, obs: Observation) -> Proposal | None:
         if obs.context.num_new != 1 or obs.layer_idx < self.dense_for(obs.num_layers) or obs.arrangement is Arrangement.RAGGED:
             return None  # (a head-wise cache patch left unequal heads: pages no longer line up, read densely)
         n = obs.num_entries
-        if self._pages_read(n) >= math.ceil(n / self.page_size):
+        if self._pages_read(n) >= math.ceil((n + int(obs.policy_state["page_shift_b"].max())) / self.page_size):
             return None
         return Proposal(self.page_bounds(obs))
 
@@ -152,8 +191,13 @@ class Quest(CompressionPolicy, name="quest"):
     def choose_read(self, scores: torch.Tensor, obs: Observation) -> ReadChoice:
         """The top pages' entries, ascending; the read ends at the newest entry when its page is every head's last."""
         size, n = self.page_size, obs.num_entries
+        shift_b = obs.policy_state["page_shift_b"]
+        pages = ranked(scores, self._pages_read(n)).sort(dim=-1).values  # [b, g, pages read]
+        if bool(shift_b.any()):  # row grids shifted by their padding: gather entry by entry
+            slots = pages[..., None] * size + torch.arange(size, device=pages.device) - shift_b[:, None, None, None]
+            index_bgn = slots.flatten(2)
+            return ReadChoice(index_bgn.masked_fill((index_bgn < 0) | (index_bgn >= n), -1))
         num_pages = math.ceil(n / size)
-        pages = scores.topk(self._pages_read(n), dim=-1).indices.sort(dim=-1).values  # [b, g, pages read]
         index_bgn = (pages[..., None] * size + torch.arange(size, device=pages.device)).flatten(2)
         if bool((pages[..., -1] == num_pages - 1).all()):
             # The newest page may be partial: end the read at the last entry, so no slot is empty and
