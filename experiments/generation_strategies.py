@@ -14,7 +14,6 @@ Compressed runs use the cache only (compression has no uncached counterpart).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 import interp_cache as ic
-from interp_cache.models.trained import trained_models
+import study_cli  # experiments/study_cli.py, beside this script
 from interp_cache.compress import SnapKV, StreamingLLM
 from interp_cache.tasks.passkey import passkey_prompts
 
@@ -102,17 +101,9 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=list(trained_models()), action="append",
-                        help="default: every shipped trained model")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name in args.model or list(trained_models()):
+    parser = study_cli.parser(__doc__, RESULTS)
+    args = study_cli.finish(parser.parse_args(argv))
+    for name in args.model:
         result = run(name, *((2, 256, 8) if args.quick else (16, 256, 48)), args.seed)
         (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
         (args.out / f"{name}.md").write_text(markdown(result))

@@ -16,7 +16,6 @@ the full-cache cell and are marked so rather than recomputed. Same `--seed`, sam
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -28,10 +27,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
 import interp_cache as ic  # noqa: E402
-from interp_cache.models.trained import trained_models  # noqa: E402
+import study_cli  # noqa: E402  (experiments/study_cli.py, beside this script)
 from interp_cache.compress import H2O, AdaKV, KNorm, PyramidKV, Quest, Random, SnapKV, StreamingLLM  # noqa: E402
 from interp_cache.tasks.passkey import answer_passkeys, passkey_prompts  # noqa: E402
 
@@ -250,24 +248,17 @@ def write(result: dict, out: Path, heatmap_budget: int) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=list(trained_models()), action="append",
-                        help="default: every shipped trained model")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="a small grid in under 2 minutes")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser = study_cli.parser(__doc__, RESULTS)
     parser.add_argument("--redraw", action="store_true",
                         help="rewrite the tables and figures from the saved <model>.json without running anything")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = study_cli.finish(parser.parse_args(argv))
     grid = QUICK if args.quick else DEFAULT
     if args.redraw:
-        for name in args.model or list(trained_models()):
+        for name in args.model:
             result = json.loads((args.out / f"{name}.json").read_text())
             write(result, args.out, heatmap_budget=64 if 64 in result["grid"]["budgets"] else result["grid"]["budgets"][0])
         return 0
-    for name in args.model or list(trained_models()):
+    for name in args.model:
         result = study(name, grid, args.seed)
         write(result, args.out, heatmap_budget=64 if 64 in grid.budgets else grid.budgets[0])
         print(markdown(result))

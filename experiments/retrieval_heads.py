@@ -17,7 +17,6 @@ Writes `<model>.md`, `<model>.json` and `<model>_heads.png` under `--out`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
@@ -31,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import interp_cache as ic  # noqa: E402
-from interp_cache.models.trained import trained_models  # noqa: E402
+import study_cli  # noqa: E402  (experiments/study_cli.py, beside this script)
 from interp_cache.analysis.sweep import sweep  # noqa: E402
 from interp_cache.compress import AdaKV, HeadWise, SnapKV, StreamingLLM  # noqa: E402
 from interp_cache.tasks.passkey import answer_passkeys, passkey_prompt, passkey_prompts  # noqa: E402
@@ -226,17 +225,9 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=list(trained_models()), action="append",
-                        help="default: every shipped trained model")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name in args.model or list(trained_models()):
+    parser = study_cli.parser(__doc__, RESULTS)
+    args = study_cli.finish(parser.parse_args(argv))
+    for name in args.model:
         result = run(name, QUICK if args.quick else DEFAULT, args.seed)
         (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
         (args.out / f"{name}.md").write_text(markdown(result))

@@ -20,6 +20,8 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
 def experiment(name: str):
+    if str(EXPERIMENTS) not in sys.path:  # the scripts import their shared study_cli from beside them
+        sys.path.insert(0, str(EXPERIMENTS))
     spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
