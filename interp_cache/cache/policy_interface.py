@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import torch
@@ -50,6 +51,12 @@ class Observation:
     @property
     def num_entries(self) -> int:
         return self.positions_bgk.shape[-1]
+
+    @cached_property
+    def real_entries(self) -> list[int]:
+        """Per batch row, the real (non-padding) entries in question, the most any head holds: what budgets and
+        windows resolve over, so that they do not depend on a row's batch neighbours."""
+        return (self.positions_bgk >= 0).sum(-1).amax(-1).tolist()
 
     def attention_received(self, last_queries: int | None = None) -> torch.Tensor:
         """`[b, g, k]` float32: attention each entry received, summed over this forward's (last n) real

@@ -9,7 +9,6 @@ GQA: the base already reduces scores per KV head. The unequal counts are stored 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -50,22 +49,18 @@ class AdaKV(EvictionPolicy, name="adakv"):
         return self.base.scores(obs, running_bgk)
 
     def choose_keep(self, scores_bgk: torch.Tensor, budget: int | torch.Tensor) -> torch.Tensor:
-        """Per row, the `budget * heads` highest scores of the layer (each head's top `alpha * budget` first)."""
+        """Per row, the `budget * heads` highest scores of the layer (each head's top `alpha * budget` first).
+        `budget` is one int, or `[b, g]` where rows differ (ratio budgets over each row's real entries)."""
         b, g, k = scores_bgk.shape
-        if isinstance(budget, torch.Tensor):  # rows differ (ratio budgets over each row's real entries)
-            per_row = budget[:, 0]
-            safe = (self.alpha * per_row).long()
-            if bool((safe > 0).any()):
-                boosted = keep_ranked(scores_bgk, safe[:, None].expand(b, g))
-                scores_bgk = torch.where(boosted, scores_bgk.clamp(min=torch.finfo(scores_bgk.dtype).max), scores_bgk)
-            return keep_from_mask(keep_ranked(scores_bgk.reshape(b, g * k), per_row * g).view(b, g, k))
-        safe = int(self.alpha * budget)
-        if safe:
-            guaranteed = ranked(scores_bgk, safe)
-            boosted = torch.zeros_like(scores_bgk, dtype=torch.bool).scatter_(-1, guaranteed, True)
-            boosted &= scores_bgk > -math.inf  # padding stays last
+        per_row = budget[:, 0] if isinstance(budget, torch.Tensor) else torch.full((b,), budget)
+        # float64, as Python's int(alpha * budget): float32 would round 0.7 * 10 down to 6
+        safe_b = (self.alpha * per_row.to(torch.float64)).long()
+        if bool((safe_b > 0).any()):
+            boosted = keep_ranked(scores_bgk, safe_b[:, None].expand(b, g))  # padding (-inf) stays last
             # finfo.max, not inf: below the base's protected entries (+inf), above every ordinary score.
             scores_bgk = torch.where(boosted, scores_bgk.clamp(min=torch.finfo(scores_bgk.dtype).max), scores_bgk)
+        if isinstance(budget, torch.Tensor):
+            return keep_from_mask(keep_ranked(scores_bgk.reshape(b, g * k), per_row * g).view(b, g, k))
         chosen = ranked(scores_bgk.reshape(b, g * k), budget * g)
         keep_bk = torch.zeros(b, g * k, dtype=torch.bool, device=scores_bgk.device).scatter_(1, chosen, True)
         return keep_from_mask(keep_bk.view(b, g, k))

@@ -169,14 +169,13 @@ class EvictionPolicy(CompressionPolicy):
         """Entries per head: one int, or `[b, g]` where rows differ. Each row's budget is resolved over its own
         real entries (padding is not counted), so a prompt's budget does not depend on its batch neighbours.
         None where every row's budget covers its real entries: nothing is evicted, padding included."""
-        real_b = (obs.positions_bgk >= 0).sum(-1).amax(-1)
-        counts = real_b.tolist()
+        counts = obs.real_entries
         budgets = [self.layer_budget(obs.layer_idx, obs.num_layers, max(1, n)) for n in counts]
         if all(budget >= n for budget, n in zip(budgets, counts)):
             return None
         if len(set(budgets)) == 1:
             return budgets[0]
-        return torch.tensor(budgets, device=real_b.device)[:, None].expand(-1, obs.positions_bgk.shape[1])
+        return torch.tensor(budgets, device=obs.positions_bgk.device)[:, None].expand(-1, obs.positions_bgk.shape[1])
 
 
 def scores_once(policy_class: type) -> bool:

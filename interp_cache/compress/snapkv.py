@@ -72,8 +72,7 @@ class SnapKV(EvictionPolicy, name="snapkv"):
 
     def scores(self, obs: Observation, running_bgk):
         # Each row's window from its own real entries (it can differ only for window=None and ratio budgets).
-        real_b = (obs.positions_bgk >= 0).sum(-1).amax(-1).tolist()
-        windows = [min(self.window_for(max(1, n)), obs.context.num_new) for n in real_b]
+        windows = [min(self.window_for(max(1, n)), obs.context.num_new) for n in obs.real_entries]
         votes_bgk = obs.attention_received(last_queries=windows[0])
         for window in set(windows) - {windows[0]}:
             rows = [row for row, w in enumerate(windows) if w == window]
