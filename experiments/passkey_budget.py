@@ -69,13 +69,16 @@ class Grid:
     lengths: dict[str, tuple[int, ...]]  # per model
     depths: tuple[float, ...]
     samples_per_depth: int
-    extrapolation: tuple[int, ...]  # full-cache lengths beyond training
+    extrapolation: dict[str, tuple[int, ...]]  # per model: full-cache lengths beyond the tables' (and training's)
     extrapolation_samples_per_depth: int
 
 
 DEFAULT = Grid((16, 32, 64, 128, 256), {"needle": (256, 512, 1024), "needle-alibi": (256, 512, 1024, 2048)},
-               (0.0, 0.25, 0.5, 0.75, 1.0), 20, (768, 1536, 2048, 3072, 4096), 10)
-QUICK = Grid((32, 128), {"needle": (256, 512), "needle-alibi": (256, 512)}, (0.0, 0.5, 1.0), 4, (1024,), 2)
+               (0.0, 0.25, 0.5, 0.75, 1.0), 20,
+               {"needle": (1280, 1536, 2048, 3072), "needle-alibi": (2560, 3072, 4096)}, 10)
+QUICK = Grid((32, 128), {"needle": (256, 512), "needle-alibi": (256, 512)}, (0.0, 0.5, 1.0), 4,
+             {"needle": (1024,), "needle-alibi": (2048,)}, 2)
+BATCH_TOKENS = 20 * 1024  # prompts per batch: at most this many tokens (4096-token ALiBi prompts: 5 a batch)
 
 
 def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -89,7 +92,8 @@ def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def run_cell(model, policy, length: int, grid: Grid, seed: int, samples_per_depth: int) -> dict:
     prompts = passkey_prompts(length, list(grid.depths), samples_per_depth, seed=seed + length)
-    answers = answer_passkeys(model, prompts, compress=policy, batch_size=samples_per_depth)
+    batch_size = max(1, min(samples_per_depth, BATCH_TOKENS // length))
+    answers = answer_passkeys(model, prompts, compress=policy, batch_size=batch_size)
     by_depth = {}
     for depth in grid.depths:
         chosen = [hit for prompt, hit in zip(prompts, answers.hits) if prompt.depth == depth]
@@ -124,7 +128,7 @@ def study(model_name: str, grid: Grid, seed: int, log=print) -> dict:
                 cells.append({"policy": name, "budget": budget, "length": length, **cell})
             log(f"{model_name} {length} tokens: {name} done ({time.perf_counter() - started:.0f}s)")
     extrapolation = []
-    for length in grid.extrapolation:
+    for length in grid.extrapolation[model_name]:
         cell = run_cell(model, None, length, grid, seed, grid.extrapolation_samples_per_depth)
         extrapolation.append({"length": length, **cell})
     log(f"{model_name}: extrapolation done ({time.perf_counter() - started:.0f}s)")
@@ -174,10 +178,15 @@ def markdown(result: dict) -> str:
             lines.append(f"| {name} ({POLICY_NOTES[name]}) | " + " | ".join(_cell_text(c) for c in row)
                          + f" | {entries} | {held} |")
         lines.append("")
-    lines += ["## Full cache beyond the lengths in the tables", "",
-              f"Trained on prompts up to {max(training['phases'][-1]['lengths'])} tokens.", "",
-              "| length | accuracy |", "|---|---|"]
-    lines += [f"| {c['length']} | {_cell_text(c)} |" for c in result["extrapolation"]]
+    depths = grid["depths"]
+    lines += ["## Full cache: accuracy by needle depth, and beyond the lengths in the tables", "",
+              f"Trained on prompts up to {max(training['phases'][-1]['lengths'])} tokens. Lengths past that "
+              f"are extrapolation ({grid['extrapolation_samples_per_depth']} prompts per depth there).", "",
+              "| length | accuracy | " + " | ".join(f"depth {100 * d:.0f}%" for d in depths) + " |",
+              "|---|---|" + "---|" * len(depths)]
+    full_rows = [find[("Full", None, length)] | {"length": length} for length in grid["lengths"][result["model"]]]
+    lines += [f"| {c['length']} | {_cell_text(c)} | " + " | ".join(_pct(c["by_depth"][str(d)]) for d in depths) + " |"
+              for c in full_rows + result["extrapolation"]]
     return "\n".join(lines) + "\n"
 
 

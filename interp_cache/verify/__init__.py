@@ -2,12 +2,17 @@
 
     checks.py       `verify(model)`: one row per check (stepwise, chunked, left padding, generate, original,
                     no-op hooks, compression identity)
-    decode_loop.py  `verify_decode_loop(model, loop_fn)`: a user's own decode loop
+    decode_loop.py  `verify_decode_loop(model, loop_fn)`: a user's own decode loop, on a HookedModel or a
+                    plain transformers model
+    plain_loop.py   ... on a plain model: the first (step, layer) that departs, with what the loop passed
+    module_probe.py module hooks on a plain model's decoder layers, attention and inputs
+    cache_classes.py  `verify_cache_class`: transformers' own cache classes under a correct loop
     localize.py     the first divergent hook call (layer, head, step, absolute position)
     runs.py         prompts, chunked prefill, the original model, tolerances
     report.py       rows, reports, and their table / Markdown / JSON forms
 """
 
+from interp_cache.verify.cache_classes import CACHE_CLASSES, verify_cache_class
 from interp_cache.verify.checks import verify
 from interp_cache.verify.decode_loop import verify_decode_loop
 from interp_cache.verify.localize import first_divergence, localize
@@ -22,6 +27,7 @@ from interp_cache.verify.report import (
 from interp_cache.verify.runs import TOLERANCES, original_logits
 
 __all__ = [
+    "CACHE_CLASSES",
     "TOLERANCES",
     "CheckRow",
     "Divergence",
@@ -32,6 +38,7 @@ __all__ = [
     "localize",
     "original_logits",
     "verify",
+    "verify_cache_class",
     "verify_decode_loop",
     "write_json",
 ]

@@ -20,6 +20,9 @@ class Divergence:
     position: int | None
     error: float
     row: int | None = None  # the batch row where it was found
+    # a user's loop on a plain model: what it passed at that step (position ids used, the length its cache
+    # reported, the mask's length) next to the true values
+    loop_inputs: dict | None = None
 
 
 @dataclass

@@ -54,8 +54,9 @@ def prompt_batch(model, prompts, attention_mask=None) -> tuple[torch.Tensor, tor
     if attention_mask is not None:
         raise TypeError("attention_mask= goes with an input_ids tensor, not with text prompts")
     if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) and p for p in prompts):
-        if model.tokenizer is None:
-            raise ValueError("text prompts need a model with a tokenizer (model.tokenizer is None); pass input_ids")
+        if getattr(model, "tokenizer", None) is None:
+            raise ValueError("text prompts need a model with a tokenizer (a HookedModel with model.tokenizer set); "
+                             "pass input_ids")
         enc = model.tokenizer(list(prompts), padding=True, return_tensors="pt")
         return enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
     raise TypeError(f"prompts must be {PROMPT_KINDS}; got {_describe(prompts)}")
@@ -145,6 +146,25 @@ def original_logits(reference, input_ids, attention_mask) -> torch.Tensor:
     kwargs = {}
     if "position_ids" in inspect.signature(reference.forward).parameters:
         kwargs["position_ids"] = padding_aware_position_ids(attention_mask)
-    return reference(input_ids, attention_mask=attention_mask, **kwargs).logits
+    return reference(input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+
+
+def aligned_logits(pieces: list[tuple[int, torch.Tensor | None]], total_length: int):
+    """A decode loop's logits placed at their token slots: `pieces` is `(new tokens, logits [b, kept, v])`
+    per forward, where a forward returns the logits of its last `kept` tokens (all of them, or one as
+    `generate` asks with `logits_to_keep=1`). Returns `(logits [b, total_length, v], scored [1, total_length])`,
+    zeros and False where no logits were returned."""
+    kept = [logits for _, logits in pieces if logits is not None]
+    if not kept:
+        raise ValueError("the decode loop's forwards returned no logits")
+    got = kept[0].new_zeros(kept[0].shape[0], total_length, kept[0].shape[-1])
+    scored = torch.zeros(1, total_length, dtype=torch.bool, device=got.device)
+    slot = 0
+    for new_tokens, logits in pieces:
+        slot += new_tokens
+        if logits is not None:
+            got[:, slot - logits.shape[1] : slot] = logits
+            scored[:, slot - logits.shape[1] : slot] = True
+    return got, scored
 
 
