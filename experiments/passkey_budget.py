@@ -184,7 +184,7 @@ def markdown(result: dict) -> str:
               f"are extrapolation ({grid['extrapolation_samples_per_depth']} prompts per depth there).", "",
               "| length | accuracy | " + " | ".join(f"depth {100 * d:.0f}%" for d in depths) + " |",
               "|---|---|" + "---|" * len(depths)]
-    full_rows = [find[("Full", None, length)] | {"length": length} for length in grid["lengths"][result["model"]]]
+    full_rows = [find[("Full", None, length)] for length in grid["lengths"][result["model"]]]
     lines += [f"| {c['length']} | {_cell_text(c)} | " + " | ".join(_pct(c["by_depth"][str(d)]) for d in depths) + " |"
               for c in full_rows + result["extrapolation"]]
     return "\n".join(lines) + "\n"

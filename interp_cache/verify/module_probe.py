@@ -3,7 +3,8 @@ alone: no cooperation from the user's decode loop, cache class or attention code
 
 Per forward (a decode step): the new tokens, what the caller passed (position ids, cache positions, the
 length its cache object reported, the mask's length), the position ids the rotary embedding was given where
-the model has one, and per decoder layer the residual stream in and out and the attention module's output.
+the model has one, and per decoder layer the residual stream it outputs and the attention module's output (a
+layer's input is the previous layer's output: recording it too would store every residual twice).
 Decoder layers are the modules transformers names in `_no_split_modules` (its own declaration of the layer
 class, used for device maps); the attention module is the outermost submodule of a layer whose class name
 says `Attention`.
@@ -27,7 +28,6 @@ class ForwardCall:
     reported_cache_length: int | None  # the cache object's own answer before the call
     mask_length: int | None
     rotary_position_ids: torch.Tensor | None = None  # [b or 1, new] as the rotary embedding received them
-    layer_inputs: list[torch.Tensor] = field(default_factory=list)
     attention_outputs: list[torch.Tensor] = field(default_factory=list)
     layer_outputs: list[torch.Tensor] = field(default_factory=list)
     logits: torch.Tensor | None = None  # [b, kept, vocab]: the last `kept` tokens' logits
@@ -102,7 +102,7 @@ class ModuleProbe:
             register(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
             register(self.model.register_forward_hook(self._after_forward))
             for _, layer in self.layers:
-                register(layer.register_forward_hook(self._after_layer, with_kwargs=True))
+                register(layer.register_forward_hook(self._after_layer))
             for _, attention in self.attentions:
                 register(attention.register_forward_hook(self._after_attention))
             for rotary in self.rotary:
@@ -141,11 +141,8 @@ class ModuleProbe:
             logits = output[0]
         self.calls[-1].logits = None if logits is None else logits.detach()
 
-    def _after_layer(self, module, args, kwargs, output):
-        hidden_in = kwargs.get("hidden_states", args[0] if args else None)
-        call = self.calls[-1]
-        call.layer_inputs.append(hidden_in.detach())
-        call.layer_outputs.append(_first(output).detach())
+    def _after_layer(self, module, args, output):
+        self.calls[-1].layer_outputs.append(_first(output).detach())
 
     def _after_attention(self, module, args, output):
         self.calls[-1].attention_outputs.append(_first(output).detach())
