@@ -22,7 +22,7 @@ test: install
 	$(PY) -m pytest -n 2 tests
 
 bench: install
-	$(PY) benchmarks/decode_throughput.py
+	$(PY) benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -27,7 +27,9 @@ def small_policies():
     """One instance of every policy with budgets well below the zoo prompts' lengths."""
     return [
         StreamingLLM(sink=2, window=8),
+        StreamingLLM(sink=2, window=8, slack=3),  # evicts in blocks: every fourth decode step
         H2O(heavy=6, recent=4),
+        H2O(heavy=6, recent=4, slack=2),
         SnapKV(budget=14, window=4, kernel=3),
         PyramidKV(budget=14, window=4, kernel=3, beta=4),
         AdaKV(SnapKV(budget=14, window=4, kernel=3), alpha=0.2),
@@ -389,6 +391,8 @@ BAD_POLICIES = [
     (lambda: H2O(heavy=0, recent=0), "budget"),
     (lambda: StreamingLLM(sink=-1), "sink must be an integer >= 0"),
     (lambda: StreamingLLM(window=0), "window must be an integer >= 1"),
+    (lambda: StreamingLLM(slack=-1), "slack must be an integer >= 0"),
+    (lambda: H2O(slack=1.5), "slack must be an integer >= 0"),
     (lambda: PyramidKV(budget=64, beta=0), "beta must be an integer >= 1"),
 ]
 

@@ -196,6 +196,24 @@ def test_minus_inf_scores_hide_entries_and_the_check_can_be_turned_off_llama():
         model.check_hook_outputs = 1
 
 
+def test_a_hook_that_writes_nan_in_place_and_returns_the_same_tensor_is_caught_too_qwen2():
+    """Hooks that only read are not scanned (the activation is the model's own); an in-place edit is."""
+    model = hooked("qwen2")
+    ids, mask = padded_batch(model)
+
+    def zero_head_then_poison(activation, hook):
+        activation[:, :, 0] = 0.0
+        activation[0, 0, 1] = float("nan")
+        return activation
+
+    with pytest.raises(NonFiniteHookOutput, match="'blocks.0.attn.hook_z' returned NaN"):
+        with model.hooks(fwd_hooks=[("blocks.0.attn.hook_z", zero_head_then_poison)]):
+            model(ids, attention_mask=mask)
+    with torch.inference_mode(), pytest.raises(NonFiniteHookOutput, match="'blocks.0.attn.hook_z' returned NaN"):
+        with model.hooks(fwd_hooks=[("blocks.0.attn.hook_z", zero_head_then_poison)]):
+            model(ids, attention_mask=mask)
+
+
 def test_nan_in_padding_slots_is_refused_too_it_would_reach_real_tokens_gpt2():
     """Attention weighs padding ~0, but 0 * NaN is NaN: with the check off, NaN written only into padding
     slots reaches the real tokens' logits."""

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from conftest import FAMILIES, hide_entries_not_read, hooked, policy_with_budget
 from interp_cache.compress import Quest, policy_classes
+from interp_cache.compress.base import ranked, top_per_head
 from interp_cache.decoding import Stepper
 from interp_cache.verify.runs import TOLERANCES
 
@@ -123,3 +124,16 @@ def test_compressed_decoding_equals_a_dense_run_hiding_what_it_did_not_read(run)
 @pytest.mark.parametrize("family", ["bloom", "gpt2"])
 def test_single_token_prompts_in_a_padded_batch_decode_exactly(family):
     check_cached_equals_uncached(family, [1, 7, 3], chunk=2, new=3, policy=policy_classes()[0], hooks=True, seed=1)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    scores=st.lists(st.sampled_from([-float("inf"), -1.0, 0.0, 0.5, 2.0, float("inf")]), min_size=1, max_size=40),
+    budget=st.integers(min_value=1, max_value=45),
+)
+def test_top_per_head_is_the_stable_ranking_sorted_for_all_scores_with_ties(scores, budget):
+    """The threshold selection keeps exactly the entries a stable descending sort keeps (ties to the older)."""
+    scores_bgk = torch.tensor(scores).view(1, 1, -1).expand(2, 3, -1).clone()
+    scores_bgk[1, 2] = scores_bgk[1, 2].flip(-1)  # rows differ
+    expected = ranked(scores_bgk, budget).sort(dim=-1).values
+    assert torch.equal(top_per_head(scores_bgk, budget), expected)

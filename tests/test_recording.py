@@ -13,6 +13,7 @@ from interp_cache.analysis.recording import RecordedCall, Recording
 from interp_cache.analysis.recording_files import MANIFEST_FILE, TENSORS_FILE, RecordingFileError
 from interp_cache.core.hook_layout import HookKind, HookLayout
 from interp_cache.core.hook_points import token_layout
+from interp_cache.compress import H2O
 from interp_cache.decoding import Stepper
 
 PATTERNS_AND_RESIDUALS = lambda name: name.endswith(("hook_pattern", "hook_resid_post"))
@@ -225,6 +226,40 @@ def test_recorded_tensors_are_copies_the_cache_cannot_change():
     assert torch.equal(first.activation, seen[0]) and (first.activation[0] >= 0).all()
     assert first.key_positions is first.activation  # equal metadata is stored once per step
     assert [call.step for call in recording["blocks.0.cache.hook_k_read"]] == [1, 1]
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_recording_equals_a_hook_that_clones_everything_bitwise_through_eviction_and_rewind(family):
+    """Recording keeps metadata by identity within a forward; what it keeps is exactly what a hook that
+    clones every tensor of every call sees -- through H2O evicting at every step and a forked branch that
+    decodes the same step numbers on its own cache before the trunk goes on."""
+    model = hooked(family)
+    ids, mask = padded_batch(model)
+    cloned: dict[str, list[tuple]] = {}
+
+    def clone_everything(activation, hook):
+        key_positions = None if hook.key_positions is None else hook.key_positions.clone()
+        cloned.setdefault(hook.name, []).append(
+            (hook.step, hook.positions.clone(), hook.is_padding.clone(), key_positions, activation.clone())
+        )
+
+    stepper = Stepper(model, compress=H2O(heavy=4, recent=4))
+    with model.hooks(fwd_hooks=[(lambda name: True, clone_everything)]), model.record() as recording:
+        token = stepper.prefill(ids, mask)[:, -1].argmax(-1)
+        stepper.step(token)
+        branch = stepper.fork()
+        for _ in range(3):
+            token = branch.step(token).argmax(-1)
+        stepper.step(token)
+    assert sorted(recording.names()) == sorted(cloned)
+    for name, calls in cloned.items():
+        assert len(recording[name]) == len(calls), name
+        for call, (step, positions, is_padding, key_positions, activation) in zip(recording[name], calls):
+            assert call.step == step
+            assert torch.equal(call.positions, positions) and torch.equal(call.is_padding, is_padding), name
+            assert (call.key_positions is None) == (key_positions is None), name
+            assert key_positions is None or torch.equal(call.key_positions, key_positions), name
+            assert torch.equal(call.activation, activation), name
 
 
 def test_recording_bytes_stay_within_the_documented_bound():

@@ -33,6 +33,7 @@ import torch
 from interp_cache.analysis.alignment import INTEGER_DTYPES, KeyedTable, TokenTable
 from interp_cache.analysis.recording_files import load_recording, save_recording
 from interp_cache.core.hook_layout import HookKind, HookLayout
+from interp_cache.core.hook_points import tensor_version
 
 _METADATA_MEMO_PER_SHAPE = 64  # distinct metadata tensors of one shape compared against per step
 
@@ -58,6 +59,9 @@ class Recording:
         # Integer metadata (positions, padding, key positions) repeats across the hooks and layers of one
         # forward; equal values are stored once per step. Keyed by (dtype, shape).
         self._metadata_memo: dict[tuple, list[torch.Tensor]] = {}
+        # Most hooks of a forward are handed the very same metadata tensors (the forward's positions, a
+        # layer's key positions): those are kept once, by identity, unless they were edited in place since.
+        self._kept_by_source: dict[int, tuple[torch.Tensor, int | None, torch.Tensor]] = {}
         self._memo_step: int | None = None
         # A run that raised leaves the recording partial: the steps whose forward completed, and why it stopped.
         self.partial = False
@@ -90,16 +94,17 @@ class Recording:
     def hook(self, activation: torch.Tensor, hook) -> None:
         self._last_step_seen = hook.step
         if hook.step != self._memo_step:
-            self._metadata_memo.clear()
+            self._forget_memo()
             self._memo_step = hook.step
         if hook.name not in self.calls:
             self.calls[hook.name] = []
             self.order.append(hook.name)
             self.layouts[hook.name] = hook.layout
             self.layers[hook.name] = hook.layer_idx
-        key_positions = None if hook.key_positions is None else self._keep(hook.key_positions)
+        key_positions = None if hook.key_positions is None else self._keep_metadata(hook.key_positions)
         self.calls[hook.name].append(RecordedCall(
-            hook.step, self._keep(hook.positions), self._keep(hook.is_padding), key_positions, self._keep(activation),
+            hook.step, self._keep_metadata(hook.positions), self._keep_metadata(hook.is_padding), key_positions,
+            self._keep(activation),
         ))
 
     def _forward_completed(self) -> None:
@@ -133,8 +138,17 @@ class Recording:
             del bucket[0]
         return kept
 
+    def _keep_metadata(self, tensor: torch.Tensor) -> torch.Tensor:
+        source, version, kept = self._kept_by_source.get(id(tensor), (None, None, None))
+        if source is tensor and version is not None and tensor_version(tensor) == version:
+            return kept
+        kept = self._keep(tensor)
+        self._kept_by_source[id(tensor)] = (tensor, tensor_version(tensor), kept)
+        return kept
+
     def _forget_memo(self) -> None:
         self._metadata_memo.clear()
+        self._kept_by_source.clear()
         self._memo_step = None
 
     # -- what a recording holds ----------------------------------------------------------------------

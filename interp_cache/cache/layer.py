@@ -52,7 +52,7 @@ class HookedCacheLayer(CacheLayerMixin):
         self.policy = policy
         self.storage = LayerStorage(
             keeps_entry_scores=policy is not None and policy.keeps_entry_scores,
-            reuse_on_evict=policy is not None and policy.evicts_during_decoding,
+            evict_headroom=None if policy is None else policy.storage_headroom(),
         )
         self.logical_length = 0
         self.pending: PendingEviction | None = None
@@ -239,7 +239,7 @@ class HookedCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.storage = LayerStorage(self.storage.keeps_entry_scores, self.storage.reuse_on_evict)
+        self.storage = LayerStorage(self.storage.keeps_entry_scores, self.storage.evict_headroom)
         self.logical_length = 0
         self.pending = None
 

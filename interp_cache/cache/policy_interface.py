@@ -24,10 +24,8 @@ from typing import Protocol
 import torch
 
 from interp_cache.cache.storage import Arrangement, StoredEntries
-from interp_cache.core.attention import AttentionSpec, attention_probabilities
+from interp_cache.core.attention import AttentionSpec, received_attention
 from interp_cache.core.context import ForwardContext
-
-_QUERY_CHUNK = 256  # queries per block when summing attention over a long prefill (bounds the [p, k] matrix)
 
 
 @dataclass(frozen=True)
@@ -63,18 +61,12 @@ class Observation:
         queries, averaged over the query heads that share the KV head (GQA)."""
         p = self.context.num_new
         first = 0 if last_queries is None else max(0, p - last_queries)
-        b, h = self.query_bhpd.shape[:2]
-        total_bhk = torch.zeros(b, h, self.num_entries, dtype=torch.float32, device=self.keys_bgkd.device)
-        for start in range(first, p, _QUERY_CHUNK):
-            stop = min(p, start + _QUERY_CHUNK)
-            probs_bhqk = attention_probabilities(
-                self.query_bhpd[:, :, start:stop], self.keys_bgkd, self.positions_bgk, self.spec,
-                self.context.positions[:, start:stop], p, first_query_index=start,
-            )
-            real_bq = ~self.context.is_padding[:, start:stop]
-            total_bhk += (probs_bhqk * real_bq[:, None, :, None]).sum(2)
-        g = self.keys_bgkd.shape[1]
-        return total_bhk.view(b, g, h // g, -1).mean(2)
+        received_bhk = received_attention(
+            self.query_bhpd[:, :, first:], self.keys_bgkd, self.positions_bgk, self.spec,
+            self.context.positions[:, first:], p, ~self.context.is_padding[:, first:], first_query_index=first,
+        )
+        b, h, k = received_bhk.shape
+        return received_bhk.view(b, self.keys_bgkd.shape[1], -1, k).mean(2)
 
 
 @dataclass(frozen=True)
@@ -100,7 +92,10 @@ class CachePolicy(Protocol):
     """What a cache layer calls on its policy (`interp_cache.compress.base.CompressionPolicy` implements it)."""
 
     keeps_entry_scores: bool  # the storage keeps a running score per entry (H2O)
-    evicts_during_decoding: bool  # evicts on every forward: storage is reused, not shrunk
+
+    def storage_headroom(self) -> int | None:
+        """Entries the storage keeps room for beyond those kept after an eviction (None: none, shrink)."""
+        ...
 
     def track_writes(self, layer_idx: int, num_layers: int, stored: StoredEntries, start: int, state: dict) -> None: ...
 

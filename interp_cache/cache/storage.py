@@ -2,8 +2,8 @@
 
 Storage is a uniform tail `[b, g, capacity, d]` (positions `[b, g, capacity]`, -1 marks padding), preceded
 -- only after a head-wise eviction left heads with unequal counts -- by a `RaggedEntries` prefix that
-stores exactly the entries kept. Reads return prefix then tail. The tail grows 1.5x in whole multiples of
-16 entries, so appending a decode step copies nothing but the new entries.
+stores exactly the entries kept. Reads return prefix then tail. The tail grows by 1/32 in whole multiples
+of 16 entries (`grown_capacity`), so appending a decode step rarely copies more than the new entries.
 
 `arrangement` says in one word what the heads hold (see `Arrangement`); where a policy keeps a running
 score per entry (H2O) the storage carries it beside the entry, through evictions; `policy_state` holds a
@@ -30,6 +30,16 @@ class Arrangement(Enum):
     RAGGED = "ragged"  # heads hold unequal counts: a ragged prefix before the tail, -1 holes when read padded
 
 
+def grown_capacity(capacity: int) -> int:
+    """The capacity after one growth step: 1/32 more (at least 16 entries), in whole multiples of 16 entries
+    so pages of 16 (Quest) tile the storage and can be gathered as blocks. Geometric growth keeps appends
+    amortised O(1) -- each entry is copied about 32 times over a cache's life, a few entries per decode step
+    against the thousands attention reads -- while spare capacity stays within 1/32 of the bytes (16 entries
+    on small caches), so a compressed cache that decodes on holds what it keeps, not half as much again."""
+    grown = capacity + max(CAPACITY_GRANULARITY, capacity // 32)
+    return -(-grown // CAPACITY_GRANULARITY) * CAPACITY_GRANULARITY
+
+
 class StoredEntries(NamedTuple):
     """A read-only view of the tail a policy may inspect after a write (views, not copies)."""
 
@@ -39,17 +49,21 @@ class StoredEntries(NamedTuple):
 
 
 class LayerStorage:
-    def __init__(self, keeps_entry_scores: bool = False, reuse_on_evict: bool = False):
+    def __init__(self, keeps_entry_scores: bool = False, evict_headroom: int | None = None):
         self.keeps_entry_scores = keeps_entry_scores
-        # Policies that evict on every decode step (H2O, StreamingLLM) reuse their storage: no reallocation
-        # per step. One-shot compression (after the prefill) shrinks the storage, so the bytes really fall.
-        self.reuse_on_evict = reuse_on_evict
+        # An eviction leaves storage for the entries kept plus `evict_headroom` more: a policy that evicts
+        # while decoding (H2O, StreamingLLM) holds up to its slack beyond the budget plus the step being
+        # written, and that storage is then reused step after step, never reallocated. None (one-shot
+        # compression after the prefill): storage shrinks to exactly the entries kept. Either way the
+        # bytes sized at the prefill are released.
+        self.evict_headroom = evict_headroom
         self.keys: torch.Tensor | None = None  # [b, g, capacity, d]
         self.values: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None  # [b, g, capacity]
         self.entry_scores: torch.Tensor | None = None  # [b, g, capacity] a policy's running scores (H2O)
         self.prefix: RaggedEntries | None = None
         self.policy_state: dict[str, torch.Tensor] = {}
+        self.read_buffers: dict[str, torch.Tensor] = {}  # what a selecting read copies into (`_read_buffer`)
         self.physical_length = 0  # entries in the tail
         self.has_padding = False
         self.arrangement = Arrangement.ALIGNED
@@ -90,11 +104,7 @@ class LayerStorage:
     def _reserve(self, needed: int) -> None:
         if needed <= self.capacity:
             return
-        # 1.5x growth: amortised O(1) appends with at most a third of the storage spare, so a compressed
-        # cache that decodes on does not double its bytes on the first new token. Whole multiples of 16
-        # entries, so pages of 16 (Quest) tile the storage and can be gathered as blocks.
-        grown = max(needed, self.capacity + self.capacity // 2, CAPACITY_GRANULARITY)
-        self._resize_tail(-(-grown // CAPACITY_GRANULARITY) * CAPACITY_GRANULARITY)
+        self._resize_tail(max(needed, grown_capacity(self.capacity)))
 
     # -- writing and reading -------------------------------------------------------------------------
     def append(self, keys_bgpd: torch.Tensor, values_bgpd: torch.Tensor, positions_bgp: torch.Tensor) -> None:
@@ -168,15 +178,24 @@ class LayerStorage:
         flat = (row_start + pages_bgm).reshape(-1)
         m = pages_bgm.shape[-1]
 
-        def blocks(storage: torch.Tensor, width: int) -> torch.Tensor:
+        def blocks(name: str, storage: torch.Tensor, width: int) -> torch.Tensor:
             by_page = storage.reshape(b * g * pages_per_row, page_size * width)
-            return by_page.index_select(0, flat).view(b, g, m * page_size, width)[:, :, :length]
+            return torch.index_select(by_page, 0, flat, out=self._read_buffer(name, by_page, flat.numel()))
 
-        keys = blocks(self.keys, d)
-        positions = blocks(self.positions[..., None], 1)[..., 0]
+        keys = blocks("keys", self.keys, d).view(b, g, m * page_size, d)[:, :, :length]
+        positions = blocks("positions", self.positions, 1).view(b, g, m * page_size)[:, :, :length]
         entry_rows = (flat.view(b, g, m, 1) * page_size + torch.arange(page_size, device=flat.device)).flatten(2)
         values = StoredRows(self.values.reshape(b * g * capacity, -1), entry_rows[..., :length])
         return keys, values, positions
+
+    def _read_buffer(self, name: str, like: torch.Tensor, rows: int) -> torch.Tensor:
+        """A buffer for a selecting read's copy, reused from step to step: a fresh tensor of that size per step
+        costs more in page faults than the copy itself (8 of Quest's 22 ms per step at 32K entries). Like
+        every read, what a step reads is valid until the cache's next forward."""
+        buffer = self.read_buffers.get(name)
+        if buffer is None or buffer.shape != (rows, like.shape[1]) or buffer.dtype != like.dtype:
+            buffer = self.read_buffers[name] = like.new_empty((rows, like.shape[1]))
+        return buffer
 
     # -- removing and editing entries ----------------------------------------------------------------
     def retain(self, keep_bgn: torch.Tensor, entry_scores_bgk: torch.Tensor | None = None) -> None:
@@ -215,12 +234,17 @@ class LayerStorage:
             self._replace_tail(empty, 0)
 
     def _replace_tail(self, tensors: dict[str, torch.Tensor], n: int) -> None:
-        if self.reuse_on_evict and self.capacity >= n:
+        wanted = n if self.evict_headroom is None else n + self.evict_headroom
+        if self.evict_headroom is not None and wanted <= self.capacity <= grown_capacity(wanted):
             for name, value in tensors.items():
                 getattr(self, name)[:, :, :n] = value
         else:
             for name, value in tensors.items():
-                setattr(self, name, value.clone(memory_format=torch.contiguous_format))
+                shape = list(value.shape)
+                shape[2] = wanted
+                storage = value.new_empty(shape)
+                storage[:, :, :n] = value
+                setattr(self, name, storage)
         self.physical_length = n
         self.positions[:, :, n:] = PADDING_POSITION
 
@@ -277,5 +301,6 @@ class LayerStorage:
         if not self.is_initialized:
             return 0
         tensors = [getattr(self, name) for name, _ in self._tail_tensors()] + list(self.policy_state.values())
+        tensors += list(self.read_buffers.values())
         total = sum(t.numel() * t.element_size() for t in tensors)
         return total + (0 if self.prefix is None else self.prefix.nbytes)

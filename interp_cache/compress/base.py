@@ -71,8 +71,20 @@ def keep_ranked(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def top_per_head(scores_bgk: torch.Tensor, budget: int) -> torch.Tensor:
-    """Indices `[b, g, budget]` of each head's highest scores (ties to the older), ascending (stored order)."""
-    return ranked(scores_bgk, budget).sort(dim=-1).values
+    """Indices `[b, g, budget]` of each head's highest scores (ties to the older), ascending (stored order):
+    `ranked(scores, budget).sort().values`, without sorting every score -- a decode step of Quest at 32K
+    entries spent 2 of its 13 ms in that sort. Everything above the budget-th score is kept, and of the
+    scores equal to it, the oldest."""
+    n = scores_bgk.shape[-1]
+    if budget >= n:
+        return torch.arange(n, device=scores_bgk.device).expand(*scores_bgk.shape[:-1], n).contiguous()
+    threshold = scores_bgk.topk(budget, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    above = scores_bgk > threshold
+    at_threshold = scores_bgk == threshold
+    still_needed = budget - above.sum(-1, keepdim=True)
+    chosen = above | (at_threshold & (at_threshold.cumsum(-1) <= still_needed))
+    positions = torch.arange(n, device=scores_bgk.device).expand_as(scores_bgk)
+    return positions[chosen].view(*scores_bgk.shape[:-1], budget)
 
 
 def check_policy(policy, model) -> None:
@@ -114,6 +126,15 @@ class CompressionPolicy:
         """Raise ValueError if this policy cannot serve `model` (a HookedModel)."""
         if not hasattr(model, "num_layers") or not hasattr(model, "family"):
             raise ValueError(f"{type(self).__name__} compresses a HookedModel's cache; got {type(model).__name__}")
+
+    def eviction_slack(self) -> int:
+        """Entries a head may hold beyond its budget before this policy evicts it back to the budget."""
+        return 0
+
+    def storage_headroom(self) -> int | None:
+        """Room a cache layer keeps beyond the entries kept after an eviction: a policy that evicts while
+        decoding holds up to its slack more, plus the entry being written; one-shot compression, none."""
+        return self.eviction_slack() + 1 if self.evicts_during_decoding else None
 
     def track_writes(self, layer_idx: int, num_layers: int, stored: StoredEntries, start: int, state: dict) -> None:
         """Entries were written to the layer's tail from index `start` on (0 after an eviction or an edit)."""
@@ -168,10 +189,11 @@ class EvictionPolicy(CompressionPolicy):
     def row_budgets(self, obs: Observation) -> int | torch.Tensor | None:
         """Entries per head: one int, or `[b, g]` where rows differ. Each row's budget is resolved over its own
         real entries (padding is not counted), so a prompt's budget does not depend on its batch neighbours.
-        None where every row's budget covers its real entries: nothing is evicted, padding included."""
+        None where every row's real entries fit its budget plus the slack: nothing is evicted, padding included."""
         counts = obs.real_entries
         budgets = [self.layer_budget(obs.layer_idx, obs.num_layers, max(1, n)) for n in counts]
-        if all(budget >= n for budget, n in zip(budgets, counts)):
+        slack = self.eviction_slack()
+        if all(budget + slack >= n for budget, n in zip(budgets, counts)):
             return None
         if len(set(budgets)) == 1:
             return budgets[0]

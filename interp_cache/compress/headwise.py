@@ -92,6 +92,9 @@ class HeadWise(CompressionPolicy, name="headwise"):
                     f"HeadWise head ({layer}, {kv_head}): layer {layer} has KV heads 0..{num_kv_heads - 1}"
                 )
 
+    def eviction_slack(self) -> int:
+        return max((member.eviction_slack() for member in self._members()), default=0)
+
     def member_of(self, layer_idx: int, kv_head: int) -> Member:
         return self.heads.get((layer_idx, kv_head), self.default)
 

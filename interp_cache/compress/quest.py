@@ -37,8 +37,8 @@ from interp_cache.compress.base import (
     CompressionPolicy,
     check_budget,
     check_int,
-    ranked,
     resolve_budget,
+    top_per_head,
 )
 from interp_cache.core.context import PADDING_POSITION
 
@@ -192,7 +192,7 @@ class Quest(CompressionPolicy, name="quest"):
         """The top pages' entries, ascending; the read ends at the newest entry when its page is every head's last."""
         size, n = self.page_size, obs.num_entries
         shift_b = obs.policy_state["page_shift_b"]
-        pages = ranked(scores, self._pages_read(n)).sort(dim=-1).values  # [b, g, pages read]
+        pages = top_per_head(scores, self._pages_read(n))  # [b, g, pages read]
         if bool(shift_b.any()):  # row grids shifted by their padding: gather entry by entry
             slots = pages[..., None] * size + torch.arange(size, device=pages.device) - shift_b[:, None, None, None]
             index_bgn = slots.flatten(2)

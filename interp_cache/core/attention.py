@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from interp_cache.core.context import ForwardContext
 from interp_cache.core.hook_points import AttentionHooks, HeadDims, run_hook
 
+_RECEIVED_QUERY_BLOCK = 64  # queries per block when summing received attention: a block's scores stay in cache
+
 
 def kv_to_query_heads(per_kv_head: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Dim 1 from KV heads `g` to query heads `h`: query head i reads KV head i // (h / g) (GQA, MQA)."""
@@ -144,29 +146,60 @@ def masked_scores(
     return scores
 
 
-def attention_probabilities(
+def received_attention(
     query_bhpd: torch.Tensor,
     keys_bgkd: torch.Tensor,
     key_positions_bgk: torch.Tensor,
     spec: AttentionSpec,
     query_positions_bp: torch.Tensor,
     num_new: int,
+    query_weights_bp: torch.Tensor,
     first_query_index: int = 0,
 ) -> torch.Tensor:
-    """Float32 attention weights `[b, h, p, k]` the core gives these queries (no hooks): what policies score with.
+    """`[b, h, k]` float32: the attention weights the core gives each entry, summed over the queries with
+    `query_weights_bp` (no hooks): what compression policies score with.
 
-    `query_bhpd` are this forward's queries from index `first_query_index` on; masks follow the core's rule.
+    `query_bhpd` are this forward's queries from index `first_query_index` on; the last `num_new` entries
+    are this forward's own; masks follow the core's rule. Scores are formed in float32 whatever the model
+    dtype. Queries go in blocks of `_RECEIVED_QUERY_BLOCK`, and each block reads only the entries written
+    before its last query, so a prefill forms half the score matrix, and masks touch only what they change:
+    the block's own triangle, padding columns, the window.
     """
-    if spec.score_dtype is not None:
-        query_bhpd, keys_bgkd = query_bhpd.to(spec.score_dtype), keys_bgkd.to(spec.score_dtype)
-    p = query_bhpd.shape[2]
-    bias = None
+    b, h, p, d = query_bhpd.shape
+    g, k = keys_bgkd.shape[1], keys_bgkd.shape[2]
+    r = h // g
+    earlier = k - num_new  # entries from earlier forwards: visible to every query but for padding / window
+    minimum = torch.finfo(torch.float32).min
+    # A block of queries is one contiguous [c * r, d] matrix per KV head: one matmul against its keys.
+    query_bgprd = (query_bhpd.float() * spec.scaling).view(b, g, r, p, d).transpose(2, 3).contiguous()
+    keys_bgdk = keys_bgkd.float().transpose(-1, -2)
+    column_bias_bg1rk = None  # ALiBi plus the minimum at padding entries
     if spec.uses_alibi:
-        bias = alibi_bias(spec, key_positions_bgk, query_bhpd.dtype).expand(-1, -1, p, -1)
-    visible = visibility_mask(query_positions_bp, key_positions_bgk, num_new, spec.sliding_window, first_query_index)
-    visible = kv_to_query_heads(visible, spec.num_heads)
-    scores = masked_scores(query_bhpd, keys_bgkd, spec, bias, visible)
-    return torch.softmax(scores, dim=-1, dtype=torch.float32)
+        column_bias_bg1rk = alibi_bias(spec, key_positions_bgk, torch.float32).view(b, g, 1, r, k)
+    if bool((key_positions_bgk < 0).any()):
+        padding = torch.zeros(key_positions_bgk.shape, device=keys_bgkd.device)
+        padding = padding.masked_fill_(key_positions_bgk < 0, minimum)[:, :, None, None]
+        column_bias_bg1rk = padding if column_bias_bg1rk is None else column_bias_bg1rk + padding
+    total_bg1rk = torch.zeros(b, g, 1, r, k, dtype=torch.float32, device=keys_bgkd.device)
+    for start in range(0, p, _RECEIVED_QUERY_BLOCK):
+        stop = min(p, start + _RECEIVED_QUERY_BLOCK)
+        c, read = stop - start, earlier + first_query_index + stop
+        scores = torch.matmul(query_bgprd[:, :, start:stop].view(b, g, c * r, d), keys_bgdk[..., :read])
+        scores = scores.view(b, g, c, r, read)
+        if spec.softcap is not None:
+            scores = torch.tanh(scores / spec.softcap) * spec.softcap
+        if column_bias_bg1rk is not None:
+            scores += column_bias_bg1rk[..., :read]
+        own_block = torch.ones(c, c, dtype=torch.bool, device=scores.device).triu(1)[:, None, :]
+        scores[..., read - c :].masked_fill_(own_block, minimum)
+        if spec.sliding_window is not None:
+            distance = query_positions_bp[:, None, start:stop, None] - key_positions_bgk[:, :, None, :read]
+            scores.masked_fill_((distance >= spec.sliding_window)[:, :, :, None], minimum)
+        probs_bgcrk = torch.softmax(scores, dim=-1)
+        weights_b11c = query_weights_bp[:, None, None, start:stop].to(torch.float32)
+        received_bg1rk = torch.matmul(weights_b11c, probs_bgcrk.view(b, g, c, r * read)).view(b, g, 1, r, read)
+        total_bg1rk[..., :read] += received_bg1rk
+    return total_bg1rk.view(b, h, k)
 
 
 def _window_reaches_out(context: ForwardContext, key_positions_bgk: torch.Tensor, sliding_window: int | None) -> bool:

@@ -69,10 +69,12 @@ def run_hook(
         raise RuntimeError(
             f"{point.name!r} declares axes {point.layout.axes} but was called with shape {tuple(activation.shape)}"
         )
-    point.step = context.step
-    point.positions = context.positions
-    point.is_padding = context.is_padding
-    point.key_positions = key_positions
+    # Plain attributes written straight to the instance: nn.Module.__setattr__ checks every assignment for
+    # parameters, buffers and submodules, four times per hook call.
+    point.__dict__.update(
+        step=context.step, positions=context.positions, is_padding=context.is_padding, key_positions=key_positions
+    )
+    version_before = tensor_version(activation)
     result = point(activation)
     if not isinstance(result, torch.Tensor):
         raise HookShapeError(f"hook on {point.name!r} returned {type(result).__name__}; expected a tensor or None")
@@ -81,9 +83,21 @@ def run_hook(
             f"hook on {point.name!r} returned shape {tuple(result.shape)} dtype {result.dtype}; "
             f"expected shape {tuple(activation.shape)} dtype {activation.dtype} (the activation it replaces)"
         )
-    if point.check_outputs and result.is_floating_point():
+    # Only what a hook wrote is checked: the activation returned untouched (every hook that only reads,
+    # recording) is the model's own, and scanning it would cost more than the recording itself. An in-place
+    # edit returns the same tensor but moves its version counter.
+    untouched = result is activation and version_before is not None and tensor_version(result) == version_before
+    if point.check_outputs and not untouched and result.is_floating_point():
         _check_finite(point, result, context)
     return result
+
+
+def tensor_version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; None for inference-mode tensors, which keep none."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def _check_finite(point: CachedDecodingHookPoint, result: torch.Tensor, context: ForwardContext) -> None:

@@ -1,0 +1,170 @@
+"""Eviction: the bytes each policy's cache holds against the entries it keeps, after the prefill and at every
+decode step; decode speed under each policy against no compression; H2O's prefill against a plain prefill.
+
+Bytes are compared with what the kept entries need: `nbytes / (entries kept x bytes per entry)`, where
+entries are counted per (layer, KV head) and bytes per entry are those of the uncompressed cache (keys,
+values, the stored position). A policy that evicts while decoding keeps room for `storage_headroom()` more
+entries (its slack plus the entry being written), and storage grows in steps of 16 entries (1/32 on large
+caches), so the bound is 1.05 x kept + (headroom + 16) entries per (layer, KV head). The peak during
+the prefill is the cache's bytes when the last layer has run, before the evictions decided during the
+forward are applied.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench_model import SHAPE_TEXT, hooked_model, prompt
+from interp_cache.cache.storage import CAPACITY_GRANULARITY
+from interp_cache.compress import H2O, AdaKV, KNorm, PyramidKV, Random, SnapKV, StreamingLLM
+from interp_cache.decoding import Stepper
+from report import Section, target
+from timing import alternate, seconds_of
+
+
+# Our policy (name prefix) -> kvpress's nearest press. H2O: ObservedAttention sums attention at the prefill only.
+KVPRESS_EQUIVALENT = {"SnapKV": "SnapKV", "StreamingLLM slack 0": "StreamingLLM", "AdaKV": "AdaKV(SnapKV)",
+                      "StreamingLLM slack": "DecodingPress(Knorm, every 32)", "H2O": "ObservedAttention (eager)"}
+
+
+def policies(budget: int) -> dict[str, object]:
+    """Every eviction policy at `budget` entries per head; the two that evict while decoding also with a slack."""
+    slack = max(8, budget // 8)
+    return {
+        "StreamingLLM slack 0": StreamingLLM(sink=4, window=budget - 4),
+        f"StreamingLLM slack {slack}": StreamingLLM(sink=4, window=budget - 4, slack=slack),
+        "H2O slack 0": H2O(heavy=budget // 2, recent=budget - budget // 2),
+        f"H2O slack {slack}": H2O(heavy=budget // 2, recent=budget - budget // 2, slack=slack),
+        "SnapKV": SnapKV(budget=budget),
+        "PyramidKV": PyramidKV(budget=budget),
+        "AdaKV(SnapKV)": AdaKV(SnapKV(budget=budget)),
+        "KNorm": KNorm(budget=budget),
+        "Random": Random(budget=budget, seed=0),
+    }
+
+
+def bytes_per_entry(model, ids) -> float:
+    """Bytes of one (layer, KV head) entry in the uncompressed cache: keys, values, stored position."""
+    full = Stepper(model)
+    full.prefill(ids[:, :16])
+    storage = full.cache.layers[0].storage
+    b, g = storage.positions.shape[:2]
+    return storage.nbytes / (storage.capacity * b * g)
+
+
+def _entries_kept(cache) -> int:
+    return int(sum(layer.slot_counts().sum() for layer in cache.layers))
+
+
+def memory(prompt_lengths: list[int], keeps: list[int], decode_steps: int) -> Section:
+    model = hooked_model()
+    section = Section(
+        "Eviction memory: bytes held vs entries kept",
+        f"{SHAPE_TEXT}; batch 1; after the prefill and after each of {decode_steps} greedy decode steps. 'bytes / "
+        "full' = cache nbytes / the bytes of every entry seen; 'bytes / kept' = cache nbytes / (entries kept x bytes "
+        "per entry), worst step. Target: nbytes <= 1.05 x kept + (headroom + 16) entries per (layer, KV head): "
+        "headroom = the slack + 1 entry a policy that evicts while decoding keeps room for (0 otherwise), 16 = the "
+        "storage's granularity (one growth step). 'peak in prefill' = bytes when the prompt's forward has run, "
+        "before its evictions apply, / full prompt bytes.",
+        ["prompt", "keep", "policy", "bytes / full", "bytes / kept (worst)", "headroom", "nbytes / allowed",
+         "peak in prefill"],
+    )
+    for tokens in prompt_lengths:
+        ids = prompt(1, tokens)
+        per_entry = bytes_per_entry(model, ids)
+        full_prompt_bytes = per_entry * tokens * model.num_layers * model.blocks[0].cache.hook_k_write.layout.size("kv_head")
+        for keep in keeps:
+            for name, policy in policies(tokens // keep).items():
+                stepper = Stepper(model, compress=policy)
+                peak = []
+                last_layer = model.hf_model.model.layers[-1]
+                handle = last_layer.register_forward_hook(lambda *args: peak.append(stepper.cache.nbytes))
+                try:
+                    with torch.no_grad():
+                        logits = stepper.prefill(ids)[:, -1]
+                finally:
+                    handle.remove()
+                headroom = policy.storage_headroom() or 0
+                worst, worst_bound, full_ratio = 0.0, 0.0, 0.0
+                with torch.no_grad():
+                    for step in range(decode_steps + 1):
+                        kept = _entries_kept(stepper.cache)
+                        heads = model.num_layers * stepper.cache.layers[0].slot_counts().numel()
+                        ratio = stepper.cache.nbytes / (kept * per_entry)
+                        allowed = (1.05 * kept + (headroom + CAPACITY_GRANULARITY) * heads) * per_entry
+                        bound = stepper.cache.nbytes / allowed
+                        worst, worst_bound = max(worst, ratio), max(worst_bound, bound)
+                        seen = tokens + step
+                        full_ratio = max(full_ratio, stepper.cache.nbytes / (full_prompt_bytes * seen / tokens))
+                        if step < decode_steps:
+                            logits = stepper.step(logits.argmax(-1))
+                section.add(tokens, f"1/{keep}", name, f"{full_ratio:.4f}", f"{worst:.3f}", headroom,
+                            target(worst_bound, 1.0, at_least=False), f"{max(peak) / full_prompt_bytes:.3f}")
+    return section
+
+
+def _decode_seconds(model, policy, ids, new_tokens):
+    def run():
+        stepper = Stepper(model, compress=policy)
+        with torch.no_grad():
+            token = stepper.prefill(ids)[:, -1].argmax(-1)
+
+            def loop():
+                nonlocal token
+                for _ in range(new_tokens):
+                    token = stepper.step(token).argmax(-1)
+            return seconds_of(loop)
+    return run
+
+
+def speed(tokens: int, keep: int, new_tokens: int, repeats: int, kvpress_ratios: dict[str, float]) -> Section:
+    model = hooked_model()
+    ids = prompt(1, tokens)
+    variants = {"no compression": _decode_seconds(model, None, ids, new_tokens)}
+    variants |= {name: _decode_seconds(model, policy, ids, new_tokens) for name, policy in policies(tokens // keep).items()}
+    timings = alternate(variants, repeats)
+    base = timings["no compression"].best
+    section = Section(
+        f"Eviction decode speed: {tokens}-token prompt, keep 1/{keep}, {new_tokens} greedy steps",
+        f"{SHAPE_TEXT}; batch 1; the decode loop only (prefill excluded), min / median / max ms per step over "
+        f"{repeats} alternating rounds; speed-up = no-compression time / this time (min). Target: > 1 for every "
+        "policy, >= 1.2 (kvpress's ratio) for SnapKV and StreamingLLM.",
+        ["policy", "ms per step", "speed-up", "kvpress speed-up"],
+    )
+    for name, timing in timings.items():
+        ratio = base / timing.best
+        peer = next((kvpress for ours, kvpress in KVPRESS_EQUIVALENT.items() if name.startswith(ours)), None)
+        kvpress = f"{kvpress_ratios[peer]:.2f} ({peer})" if peer in kvpress_ratios else "-"
+        bound = 1.2 if name.startswith(("SnapKV", "StreamingLLM")) else 1.0
+        shown = f"{ratio:.2f}" if name == "no compression" else target(ratio, bound)
+        section.add(name, timing.spread(scale=1e3 / new_tokens, digits=2), shown, kvpress)
+    return section
+
+
+def h2o_prefill(tokens: int, keep: int, repeats: int) -> Section:
+    model = hooked_model()
+    ids = prompt(1, tokens)
+    budget = tokens // keep
+
+    def prefill(policy):
+        def run():
+            with torch.no_grad():
+                Stepper(model, compress=policy).prefill(ids)
+        return run
+
+    timings = alternate({
+        "no compression": prefill(None),
+        "H2O": prefill(H2O(heavy=budget // 2, recent=budget - budget // 2)),
+        "SnapKV": prefill(SnapKV(budget=budget)),
+    }, repeats)
+    section = Section(
+        f"Prefill under compression: {tokens} tokens, keep 1/{keep}",
+        f"{SHAPE_TEXT}; batch 1; min / median / max seconds over {repeats} alternating rounds. H2O sums the "
+        "attention every entry received from every prompt query; target: <= 1.5x the uncompressed prefill.",
+        ["policy", "seconds", "time / no compression"],
+    )
+    base = timings["no compression"].best
+    for name, timing in timings.items():
+        ratio = timing.best / base
+        section.add(name, timing.spread(digits=3), target(ratio, 1.5, at_least=False) if name == "H2O" else f"{ratio:.2f}")
+    return section
