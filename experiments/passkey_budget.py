@@ -31,7 +31,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import interp_cache as ic  # noqa: E402
 import study_cli  # noqa: E402  (experiments/study_cli.py, beside this script)
 from interp_cache.compress import H2O, AdaKV, KNorm, PyramidKV, Quest, Random, SnapKV, StreamingLLM  # noqa: E402
-from interp_cache.tasks.passkey import answer_passkeys, passkey_prompts  # noqa: E402
+from interp_cache.tasks.passkey import PasskeyAnswers, PasskeyPrompt, passkey_prompts  # noqa: E402
+from shared_prefill import answer_under_policies  # noqa: E402  (experiments/shared_prefill.py, beside this script)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "passkey_budget"
 
@@ -90,12 +91,9 @@ def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def run_cell(model, policy, length: int, grid: Grid, seed: int, samples_per_depth: int) -> dict:
-    prompts = passkey_prompts(length, list(grid.depths), samples_per_depth, seed=seed + length)
-    batch_size = max(1, min(samples_per_depth, BATCH_TOKENS // length))
-    answers = answer_passkeys(model, prompts, compress=policy, batch_size=batch_size)
+def cell_of(prompts: list[PasskeyPrompt], answers: PasskeyAnswers, depths) -> dict:
     by_depth = {}
-    for depth in grid.depths:
+    for depth in depths:
         chosen = [hit for prompt, hit in zip(prompts, answers.hits) if prompt.depth == depth]
         by_depth[str(depth)] = sum(chosen) / len(chosen)
     hits = sum(answers.hits)
@@ -112,7 +110,12 @@ def study(model_name: str, grid: Grid, seed: int, log=print) -> dict:
     cells = []
     started = time.perf_counter()
     for length in grid.lengths[model_name]:
-        full = run_cell(model, None, length, grid, seed, grid.samples_per_depth)
+        prompts = passkey_prompts(length, list(grid.depths), grid.samples_per_depth, seed=seed + length)
+        policies = {("Full", None): None}
+        policies |= {(name, budget): make(budget) for name, make in POLICIES.items() if make is not None
+                     for budget in grid.budgets if budget < length}
+        answers = answer_under_policies(model, prompts, policies, _batch_size(length, grid.samples_per_depth))
+        full = cell_of(prompts, answers[("Full", None)], grid.depths)
         cells.append({"policy": "Full", "budget": None, "length": length, **full, "bytes_ratio": 1.0,
                       "entries_ratio": 1.0})
         for name, make in POLICIES.items():
@@ -122,18 +125,24 @@ def study(model_name: str, grid: Grid, seed: int, log=print) -> dict:
                 if budget >= length:
                     cell = {**full, "covers_prompt": True}
                 else:
-                    cell = run_cell(model, make(budget), length, grid, seed, grid.samples_per_depth)
+                    cell = cell_of(prompts, answers[(name, budget)], grid.depths)
                 cell["bytes_ratio"] = cell["cache_bytes"] / full["cache_bytes"]
                 cell["entries_ratio"] = cell["kept_entries"] / full["kept_entries"]
                 cells.append({"policy": name, "budget": budget, "length": length, **cell})
-            log(f"{model_name} {length} tokens: {name} done ({time.perf_counter() - started:.0f}s)")
+        log(f"{model_name} {length} tokens: every policy done ({time.perf_counter() - started:.0f}s)")
     extrapolation = []
     for length in grid.extrapolation[model_name]:
-        cell = run_cell(model, None, length, grid, seed, grid.extrapolation_samples_per_depth)
-        extrapolation.append({"length": length, **cell})
+        samples = grid.extrapolation_samples_per_depth
+        prompts = passkey_prompts(length, list(grid.depths), samples, seed=seed + length)
+        answers = answer_under_policies(model, prompts, {"Full": None}, _batch_size(length, samples))
+        extrapolation.append({"length": length, **cell_of(prompts, answers["Full"], grid.depths)})
     log(f"{model_name}: extrapolation done ({time.perf_counter() - started:.0f}s)")
     return {"model": model_name, "seed": seed, "grid": grid.__dict__, "cells": cells,
             "extrapolation": extrapolation, "seconds": round(time.perf_counter() - started)}
+
+
+def _batch_size(length: int, samples_per_depth: int) -> int:
+    return max(1, min(samples_per_depth, BATCH_TOKENS // length))
 
 
 # -- reporting ---------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ import interp_cache as ic  # noqa: E402
 import study_cli  # noqa: E402  (experiments/study_cli.py, beside this script)
 from interp_cache.analysis.sweep import sweep  # noqa: E402
 from interp_cache.compress import AdaKV, HeadWise, SnapKV, StreamingLLM  # noqa: E402
-from interp_cache.tasks.passkey import answer_passkeys, passkey_prompt, passkey_prompts  # noqa: E402
+from interp_cache.tasks.passkey import passkey_prompt, passkey_prompts  # noqa: E402
+from shared_prefill import answer_under_policies  # noqa: E402  (experiments/shared_prefill.py, beside this script)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "retrieval_heads"
 SINK = 4
@@ -124,12 +125,13 @@ def top_kv_heads(model, effects: torch.Tensor, count: int) -> list[tuple[int, in
     return chosen
 
 
-def evaluate(model, policy, length: int, settings: Settings, seed: int) -> dict:
+def evaluate(model, policies: dict, length: int, settings: Settings, seed: int) -> dict:
+    """Per policy (None: the full cache), accuracy and the bytes and entries held, from one prefill per batch."""
     prompts = passkey_prompts(length, list(DEPTHS), settings.eval_samples_per_depth, seed=seed + length)
-    answers = answer_passkeys(model, prompts, compress=policy, batch_size=settings.eval_samples_per_depth)
-    return {"accuracy": sum(answers.hits) / len(prompts), "n": len(prompts),
-            "cache_bytes": sum(answers.cache_bytes) // len(prompts),
-            "kept_entries": sum(answers.kept_entries) // len(prompts)}
+    answers = answer_under_policies(model, prompts, policies, batch_size=settings.eval_samples_per_depth)
+    return {key: {"accuracy": sum(a.hits) / len(prompts), "n": len(prompts),
+                  "cache_bytes": sum(a.cache_bytes) // len(prompts),
+                  "kept_entries": sum(a.kept_entries) // len(prompts)} for key, a in answers.items()}
 
 
 def run(model_name: str, settings: Settings, seed: int, log=print) -> dict:
@@ -147,8 +149,7 @@ def run(model_name: str, settings: Settings, seed: int, log=print) -> dict:
     control = random.Random(seed).sample([h for h in all_kv if h not in retrieval], count)
     rows = []
     for length in settings.eval_lengths[model_name]:
-        full = evaluate(model, None, length, settings, seed)
-        rows.append({"length": length, "policy": "Full", **full})
+        compared, policies = [], {"Full": None}
         for window in settings.windows:
             entries = count * length + (len(all_kv) - count) * (SINK + window)
             budget = max(SINK + 1, round(entries / len(all_kv)))  # uniform budget with the same total entries
@@ -162,10 +163,16 @@ def run(model_name: str, settings: Settings, seed: int, log=print) -> dict:
                 "AdaKV (SnapKV base)": AdaKV(SnapKV(budget=budget, window=min(32, budget // 2))),
             }
             for name, policy in candidates.items():
-                cell = evaluate(model, policy if budget < length else None, length, settings, seed)
-                rows.append({"length": length, "policy": name, "window": window, "budget": budget,
-                             "bytes_ratio": cell["cache_bytes"] / full["cache_bytes"],
-                             "entries_ratio": cell["kept_entries"] / full["kept_entries"], **cell})
+                policies[(name, window)] = policy if budget < length else None
+                compared.append((name, window, budget))
+        cells = evaluate(model, policies, length, settings, seed)
+        full = cells["Full"]
+        rows.append({"length": length, "policy": "Full", **full})
+        for name, window, budget in compared:
+            cell = cells[(name, window)]
+            rows.append({"length": length, "policy": name, "window": window, "budget": budget,
+                         "bytes_ratio": cell["cache_bytes"] / full["cache_bytes"],
+                         "entries_ratio": cell["kept_entries"] / full["kept_entries"], **cell})
         log(f"{model_name} {length}: compared ({time.perf_counter() - started:.0f}s)")
     return {"model": model_name, "seed": seed, "settings": settings.__dict__,
             "attention_to_needle": attention.tolist(), "patching_normalized": effects.tolist(),

@@ -48,6 +48,21 @@ def test_full_cache_retrieves_pass_keys_at_every_depth(name):
     assert sum(answers.hits) >= 0.95 * len(prompts), answers.generated
 
 
+@pytest.mark.parametrize("name", list(trained_models()))
+def test_one_prefill_for_every_policy_answers_as_generate_under_each_policy(name):
+    """The budget study prefills each batch once and compresses it under every policy (`compress_prefilled`);
+    its answers, bytes and kept entries equal `generate` run under each policy on its own."""
+    study = experiment("passkey_budget")
+    model = ic.load(f"zoo:{name}")
+    prompts = passkey_prompts(300, [0.0, 1.0], 2, seed=5)
+    policies = {(policy, 32): make(32) for policy, make in study.POLICIES.items() if make is not None}
+    shared = experiment("shared_prefill").answer_under_policies(
+        model, prompts, {("Full", None): None, **policies}, batch_size=2)
+    for key, policy in [(("Full", None), None), *policies.items()]:
+        alone = answer_passkeys(model, prompts, compress=policy, batch_size=2)
+        assert shared[key] == alone, key
+
+
 @pytest.fixture(scope="module")
 def quick_budget_study(tmp_path_factory):
     """The quick study run twice on zoo:needle, as the README's command runs it."""

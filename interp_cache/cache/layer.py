@@ -112,15 +112,11 @@ class HookedCacheLayer(CacheLayerMixin):
         keys_bgpd = run_hook(hooks.hook_k_write, keys_bgpd, context)
         values_bgpd = run_hook(hooks.hook_v_write, values_bgpd, context)
         b, g, p, _ = keys_bgpd.shape
-        start = storage.physical_length
-        storage.append(keys_bgpd, values_bgpd, context.stored_positions[:, None, :].expand(b, g, p))
-        self.logical_length += p
-        storage.has_padding = storage.has_padding or context.has_padding
+        self.store(keys_bgpd, values_bgpd, context.stored_positions[:, None, :].expand(b, g, p), p, context.has_padding)
         shared = storage.arrangement is Arrangement.ALIGNED
         hidden = storage.arrangement is Arrangement.RAGGED
         selection = None
         if self.policy is not None:
-            self._track_writes(start)
             selection = self._select(query_bhpd, spec, context, hooks)
         if selection is None:
             keys, values, positions = storage.read()
@@ -140,6 +136,16 @@ class HookedCacheLayer(CacheLayerMixin):
         else:
             values = run_hook(hooks.hook_v_read, values, context, key_positions=positions)
         return CacheRead(keys, values, positions, shared, storage.has_padding or hidden)
+
+    def store(self, keys_bgpd, values_bgpd, positions_bgp, num_slots: int, has_padding: bool) -> None:
+        """Append entries (a forward's write, after its hooks) for `num_slots` token slots; the policy's state
+        follows. `interp_cache.compress.replay` writes a prefilled cache's entries through here too."""
+        start = self.storage.physical_length
+        self.storage.append(keys_bgpd, values_bgpd, positions_bgp)
+        self.logical_length += num_slots
+        self.storage.has_padding = self.storage.has_padding or has_padding
+        if self.policy is not None:
+            self._track_writes(start)
 
     def _observe(self, query_bhpd, spec, context, keys_bgkd, positions_bgk, entry_scores=None) -> Observation:
         return Observation(
