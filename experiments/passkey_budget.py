@@ -170,7 +170,9 @@ def markdown(result: dict) -> str:
         f"{', '.join(f'{100 * d:.0f}%' for d in grid['depths'])}. `=`: the budget covers the prompt, "
         "so the cache is the full one (the identity). Entries kept: KV entries stored after the last step "
         "(all layers and heads), per budget; bytes held: `cache.nbytes`, everything allocated, spare capacity "
-        "and policy state included (StreamingLLM and H2O keep the storage sized at prefill today).",
+        "and policy state included (Quest's page bounds and read buffer: it evicts nothing and holds more than the "
+        "full cache). Each batch is prefilled once and compressed under every policy (`compress_prefilled`, the "
+        "same caches as a prefill under each).",
         "",
     ]
     for length in grid["lengths"][result["model"]]:

@@ -9,7 +9,7 @@ import torch
 from conftest import hooked, padded_batch
 
 from interp_cache.analysis.memory import generation_forward_lengths, recording_bytes_bound
-from interp_cache.analysis.recording import RecordedCall, Recording
+from interp_cache.analysis.recording import RecordedCall, Recording, RecordingError
 from interp_cache.analysis.recording_files import MANIFEST_FILE, TENSORS_FILE, RecordingFileError
 from interp_cache.core.hook_layout import HookKind, HookLayout
 from interp_cache.core.hook_points import token_layout
@@ -260,6 +260,27 @@ def test_recording_equals_a_hook_that_clones_everything_bitwise_through_eviction
             assert (call.key_positions is None) == (key_positions is None), name
             assert key_positions is None or torch.equal(call.key_positions, key_positions), name
             assert torch.equal(call.activation, activation), name
+
+
+def test_a_pattern_edited_in_place_after_the_recording_saw_it_raises_llama():
+    """Patterns are kept by reference: an in-place edit by a hook attached after the recording started is
+    refused, naming the hook; attached before, the recording holds the edited pattern."""
+    model = hooked("llama")
+    ids, mask = padded_batch(model)
+    name = "blocks.1.attn.hook_pattern"
+
+    def zero_head_in_place(pattern, hook):
+        pattern[:, 0] = 0.0
+        return pattern
+
+    with pytest.raises(RecordingError, match=f"'{name}' was written in place after the recording saw it"):
+        with model.record(name), model.hooks(fwd_hooks=[(name, zero_head_in_place)]):
+            model(ids, attention_mask=mask)
+    assert not model.blocks[1].attn.hook_pattern.is_hooked()
+    with model.hooks(fwd_hooks=[(name, zero_head_in_place)]), model.record(name) as recording:
+        model(ids, attention_mask=mask)
+    pattern = recording[name][0].activation
+    assert torch.equal(pattern[:, 0], torch.zeros_like(pattern[:, 0])) and pattern[:, 1].sum() > 0
 
 
 def test_recording_bytes_stay_within_the_documented_bound():

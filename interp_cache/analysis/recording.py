@@ -17,8 +17,11 @@ What a recording offers on top of the per-call entries `rec[name]`:
 Each hook's layout (`rec.layout(name)`) is the one its hook point declares: nothing here reads a layout
 off a hook's name.
 
-Every stored tensor is a copy the model never writes again: the cache changes its storage in place
-(rewind, eviction), and a recording must keep what the hook saw.
+Every stored tensor is one the model never writes again: a copy -- the cache changes its storage in
+place (rewind, eviction), and a recording must keep what the hook saw -- except the scores, patterns and
+biases the attention core forms for one forward (`[b, h, p, k]`, the largest activations), which nothing
+writes after their hook: those are kept by reference, and a write to one before the forward completes
+(a hook attached after the recording started, editing in place) raises `RecordingError`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ from interp_cache.core.hook_points import tensor_version
 _METADATA_MEMO_PER_SHAPE = 64  # distinct metadata tensors of one shape compared against per step
 
 
+class RecordingError(RuntimeError):
+    """A recorded activation changed after the recording saw it."""
+
+
 @dataclass
 class RecordedCall:
     step: int
@@ -51,6 +58,7 @@ class Recording:
     def __init__(self, names_filter=None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         self.names_filter = as_filter(names_filter)
         self.device = device
+        self._device = torch.device(device)
         self.dtype = dtype
         self.calls: dict[str, list[RecordedCall]] = {}
         self.order: list[str] = []  # hook names in the order they first fired: model order
@@ -62,6 +70,10 @@ class Recording:
         # Most hooks of a forward are handed the very same metadata tensors (the forward's positions, a
         # layer's key positions): those are kept once, by identity, unless they were edited in place since.
         self._kept_by_source: dict[int, tuple[torch.Tensor, int | None, torch.Tensor]] = {}
+        # Scores, patterns and biases the attention core formed for this forward are kept by reference (they
+        # are the largest activations, [b, h, p, k], and nothing writes them after the hook); each with its
+        # version, checked when the forward completes.
+        self._borrowed: list[tuple[str, torch.Tensor, int]] = []
         self._memo_step: int | None = None
         # A run that raised leaves the recording partial: the steps whose forward completed, and why it stopped.
         self.partial = False
@@ -104,15 +116,35 @@ class Recording:
         key_positions = None if hook.key_positions is None else self._keep_metadata(hook.key_positions)
         self.calls[hook.name].append(RecordedCall(
             hook.step, self._keep_metadata(hook.positions), self._keep_metadata(hook.is_padding), key_positions,
-            self._keep(activation),
+            self._keep_activation(activation, hook),
         ))
 
+    def _keep_activation(self, activation: torch.Tensor, hook) -> torch.Tensor:
+        version = tensor_version(activation)
+        borrowable = (hook.layout.kind is HookKind.KEYED and version is not None and activation.is_contiguous()
+                      and self._device == activation.device
+                      and (self.dtype is None or not activation.is_floating_point() or self.dtype == activation.dtype))
+        if not borrowable:
+            return self._keep(activation)
+        kept = activation.detach()  # shares the version counter: an in-place write is seen
+        self._borrowed.append((hook.name, kept, version))
+        return kept
+
     def _forward_completed(self) -> None:
+        borrowed, self._borrowed = self._borrowed, []
+        for name, kept, version in borrowed:
+            if tensor_version(kept) != version:
+                raise RecordingError(
+                    f"{name!r} was written in place after the recording saw it (a hook attached after "
+                    "model.record() edited it, or the model did), so the recording no longer holds what it saw; "
+                    "attach editing hooks before the recording starts, or return an edited copy from the hook"
+                )
         if self._last_step_seen is not None:
             self._complete_through = self._last_step_seen
 
     def _stop_partial(self, error: BaseException) -> None:
         """Keep the calls of forwards that completed; those of the forward that raised are dropped."""
+        self._borrowed = []
         self.partial = True
         self.interrupted_by = f"interrupted by {type(error).__name__}: {error}"
         last = -1 if self._complete_through is None else self._complete_through
@@ -124,9 +156,10 @@ class Recording:
 
     def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
         dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else tensor.dtype
-        kept = tensor.detach().to(
-            device=self.device, dtype=dtype, copy=True, memory_format=torch.contiguous_format
-        )
+        if dtype == tensor.dtype and self._device == tensor.device:
+            kept = tensor.detach().clone(memory_format=torch.contiguous_format)
+        else:
+            kept = tensor.detach().to(device=self.device, dtype=dtype, copy=True, memory_format=torch.contiguous_format)
         if kept.is_floating_point() or kept.is_complex():
             return kept
         bucket = self._metadata_memo.setdefault((kept.dtype, tuple(kept.shape)), [])

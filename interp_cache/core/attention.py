@@ -134,8 +134,10 @@ def masked_scores(
     """Pre-softmax scores `[b, h, p, k]`: scaled, softcapped, ALiBi-biased, invisible entries at the dtype minimum."""
     b, h, p, d = query_bhpd.shape
     g, k = keys_bgkd.shape[1], keys_bgkd.shape[2]
-    query_bgrpd = query_bhpd.view(b, g, h // g, p, d)
-    scores = torch.matmul(query_bgrpd, keys_bgkd[:, :, None].transpose(-1, -2)).view(b, h, p, k)
+    # The query heads sharing a KV head as one [r * p, d] matrix: one matmul per KV head, and the keys are not
+    # broadcast (copied) to every query head first.
+    query_bg_rp_d = query_bhpd.reshape(b, g, (h // g) * p, d)
+    scores = torch.matmul(query_bg_rp_d, keys_bgkd.transpose(-1, -2)).view(b, h, p, k)
     scores = scores * spec.scaling
     if spec.softcap is not None:
         scores = torch.tanh(scores / spec.softcap) * spec.softcap
@@ -244,8 +246,8 @@ def _explicit(query_bhpd, keys_bgkd, values_bgkd, read, spec, context, hooks, bi
     scores = run_hook(hooks.hook_attn_scores, scores, context, key_positions=read.positions)
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values_bgkd.dtype)
     pattern = run_hook(hooks.hook_pattern, pattern, context, key_positions=read.positions)
-    pattern_bgrpk = pattern.view(b, g, h // g, p, k)
-    return torch.matmul(pattern_bgrpk, values_bgkd[:, :, None]).view(b, h, p, -1)
+    pattern_bg_rp_k = pattern.reshape(b, g, (h // g) * p, k)
+    return torch.matmul(pattern_bg_rp_k, values_bgkd).view(b, h, p, -1)
 
 
 def attend(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_hooks
 from transformer_lens.hook_points import HookPoint
 
 from interp_cache.core.context import ForwardContext
@@ -75,7 +76,7 @@ def run_hook(
         step=context.step, positions=context.positions, is_padding=context.is_padding, key_positions=key_positions
     )
     version_before = tensor_version(activation)
-    result = point(activation)
+    result = _call_forward_hooks(point, activation)
     if not isinstance(result, torch.Tensor):
         raise HookShapeError(f"hook on {point.name!r} returned {type(result).__name__}; expected a tensor or None")
     if result.shape != activation.shape or result.dtype != activation.dtype:
@@ -89,6 +90,22 @@ def run_hook(
     untouched = result is activation and version_before is not None and tensor_version(result) == version_before
     if point.check_outputs and not untouched and result.is_floating_point():
         _check_finite(point, result, context)
+    return result
+
+
+def _call_forward_hooks(point: CachedDecodingHookPoint, activation: torch.Tensor) -> torch.Tensor:
+    """What `point(activation)` does for an identity module with plain forward hooks -- each hook sees the
+    input and the result so far and may replace the result -- without nn.Module's call machinery (3 of the
+    3.6 us a hook call cost). Anything else torch supports (pre-hooks, hooks with kwargs, global hooks)
+    takes the module call."""
+    if (point._forward_pre_hooks or point._forward_hooks_with_kwargs or module_hooks._global_forward_hooks
+            or module_hooks._global_forward_pre_hooks):
+        return point(activation)
+    result = activation
+    for hook in tuple(point._forward_hooks.values()):
+        replaced = hook(point, (activation,), result)
+        if replaced is not None:
+            result = replaced
     return result
 
 
