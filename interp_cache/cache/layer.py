@@ -139,7 +139,7 @@ class HookedCacheLayer(CacheLayerMixin):
 
     def store(self, keys_bgpd, values_bgpd, positions_bgp, num_slots: int, has_padding: bool) -> None:
         """Append entries (a forward's write, after its hooks) for `num_slots` token slots; the policy's state
-        follows. `interp_cache.compress.replay` writes a prefilled cache's entries through here too."""
+        follows. `interp_cache.decoding.replay` writes a prefilled cache's entries through here too."""
         start = self.storage.physical_length
         self.storage.append(keys_bgpd, values_bgpd, positions_bgp)
         self.logical_length += num_slots

@@ -3,8 +3,9 @@
 Evicts once a head holds more than `sink + window + slack` entries, back to `sink + window`: `slack=0` (the
 default) is the paper's rule, every decode step evicts one entry; a slack of a few dozen entries evicts in
 blocks, so a decode step rarely pays for an eviction, at the price of windows that vary between `window` and
-`window + slack`. Positions stay the true ones: a decode step after eviction is rotated (or ALiBi-biased) at its real position, not at the cache
-length -- the re-positioning some implementations need is not needed here.
+`window + slack`. Positions stay the true ones: a decode step after eviction is rotated (or ALiBi-biased)
+at its real position, not at the cache length -- the re-positioning some implementations need is not
+needed here.
 """
 
 from __future__ import annotations

@@ -104,19 +104,17 @@ def visibility_mask(
     key_positions_bgk: torch.Tensor,
     num_new: int,
     sliding_window: int | None,
-    first_query_index: int = 0,
 ) -> torch.Tensor:
     """Boolean `[b, g, p, k]`: True where the query may attend the entry (see the module docstring).
 
-    The queries are this forward's new tokens from index `first_query_index` on (a compression policy
-    scores with the last few queries only); the last `num_new` entries are this forward's own.
+    The queries are this forward's new tokens; the last `num_new` entries are this forward's own.
     """
     k = key_positions_bgk.shape[-1]
     p = query_positions_bp.shape[-1]
     visible = (key_positions_bgk >= 0)[:, :, None, :].expand(-1, -1, p, -1)
     written_before = torch.ones(p, k, dtype=torch.bool, device=key_positions_bgk.device)
     own = torch.ones(p, num_new, dtype=torch.bool, device=written_before.device)
-    written_before[:, k - num_new :] = own.tril(diagonal=first_query_index)
+    written_before[:, k - num_new :] = own.tril()
     visible = visible & written_before
     if sliding_window is not None:
         distance = query_positions_bp[:, None, :, None] - key_positions_bgk[:, :, None, :]

@@ -24,7 +24,6 @@ from __future__ import annotations
 from interp_cache.cache.policy_interface import Observation
 from interp_cache.compress.base import CompressionPolicy
 from interp_cache.core.attention import CacheRead
-from interp_cache.decoding.stepper import Stepper
 
 
 class PrefillObservations(CompressionPolicy):
@@ -63,6 +62,4 @@ def compress_prefilled(model, prefilled, observations: PrefillObservations, poli
         obs = observations.by_layer[layer_idx]
         target.after_attention(obs.query_bhpd, read, obs.spec, context, model.blocks[layer_idx].cache)
     cache.end_forward(context)
-    branch = Stepper(model, cache)
-    branch.token_ids, branch.attention_mask = prefilled.token_ids.clone(), prefilled.attention_mask.clone()
-    return branch
+    return prefilled.continued_on(cache)

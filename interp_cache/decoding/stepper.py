@@ -73,7 +73,11 @@ class Stepper:
         return torch.stack(chosen, dim=1) if chosen else logits.new_zeros((logits.shape[0], 0), dtype=torch.long)
 
     def fork(self) -> Stepper:
-        branch = Stepper(self.model, self.cache.fork())
+        return self.continued_on(self.cache.fork())
+
+    def continued_on(self, cache: HookedCache) -> Stepper:
+        """A stepper that has fed what this one fed, decoding on `cache` (a fork, or a compressed copy)."""
+        branch = Stepper(self.model, cache)
         branch.token_ids = None if self.token_ids is None else self.token_ids.clone()
         branch.attention_mask = None if self.attention_mask is None else self.attention_mask.clone()
         return branch
