@@ -1,9 +1,10 @@
 """`make bench`: speed and memory against the peers, measured in one run, written to benchmarks/results.md.
 
 Every figure comes from this run: min / median / max over alternating repeats after a warm-up, ratios taken
-between minima in the same process (kvpress in its own environment, on the same saved weights). A target
+between minima in the same process (kvpress and nnsight each in its own environment, on the same saved
+weights, against plain transformers in that process). A target
 that is missed is marked MISSED in the table. `QUICK=1` (or `--quick`) runs a small grid in under 3 minutes:
-fewer settings, repeats and steps, and no verifier or kvpress run; its results go to results-quick.md.
+fewer settings, repeats and steps, and no verifier, kvpress or nnsight run; its results go to results-quick.md.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, str(HERE))
 from cache_growth import cache_growth  # noqa: E402
 from eviction import h2o_prefill, memory, speed  # noqa: E402
 from peers.kvpress_env import kvpress_comparison  # noqa: E402
+from peers.nnsight_env import nnsight_recording  # noqa: E402
 from quest_attention import quest_attention  # noqa: E402
 from recording_overhead import generate_overhead, prefill_overhead  # noqa: E402
 from scaling import scaling  # noqa: E402
@@ -65,6 +67,7 @@ def main() -> None:
     kvpress_ratios, kvpress_section = ({}, None) if args.quick else kvpress_comparison()
     runs = [
         lambda: generate_overhead(grid["generate_settings"], grid["new_tokens"], grid["repeats"]),
+        lambda: None if args.quick else nnsight_recording(grid["generate_settings"], grid["new_tokens"], grid["repeats"]),
         lambda: prefill_overhead(2048, grid["repeats"]),
         lambda: memory(grid["memory_prompts"], grid["keeps"], grid["memory_steps"]),
         lambda: speed(2048, 8, grid["new_tokens"], grid["repeats"], kvpress_ratios),

@@ -5,6 +5,7 @@ times are in each model's `training.json`).
     python experiments/train_needle.py --model needle     # one of them
     python experiments/train_needle.py                    # both
     python experiments/train_needle.py --quick --out /tmp/x   # a few steps, to check the script (tests)
+    python experiments/train_needle.py --resume --model needle  # continue the shipped checkpoint's phases
 
 Three tasks, one batch mixes them:
 * passkey retrieval in the standard wording (`interp_cache.tasks.passkey`), needle at a uniform depth;
@@ -16,9 +17,11 @@ Three tasks, one batch mixes them:
   for 3,000 steps (no position tells a head which token came just before); with half the rows needing the
   previous token (weighted fully, length 128) induction formed at step ~1,500 (313 s). Weighted half at
   lengths 96-160 it had not formed by step 2,700.
-Training runs in three phases: short copies first (where the induction circuit forms cheaply), then all
-three tasks at moderate lengths, then at full length. The loss weighs answer tokens 1 and the rest 0.02 (the filler is
-learned at once and would otherwise drown the retrieval signal).
+Training runs in phases: short copies first (where the induction circuit forms cheaply), then all
+three tasks at moderate lengths, then at full length, then hard needles (far from the question, keys with
+a doubled digit) with a fresh optimizer -- so `--resume` can add them to a checkpoint of the first three.
+The loss weighs answer tokens 1 and the rest 0.02 (the filler is learned at once and would otherwise drown
+the retrieval signal).
 
 Deterministic from `--seed` with the same torch build and thread count: the data come from one
 `random.Random(seed)`, the weights from `torch.manual_seed(seed)`. The ALiBi model is trained on prompts
@@ -44,7 +47,7 @@ import transformers as tf
 from interp_cache.models.hooked_model import HookedModel
 from interp_cache.models.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
 from interp_cache.models.trained import TRAINED_DIR
-from interp_cache.tasks.passkey import FILLER, passkey_prompt, random_passkey
+from interp_cache.tasks.passkey import FILLER, PASSKEY_DIGITS, passkey_prompt, random_passkey
 
 ANSWER_WEIGHT, CONTEXT_WEIGHT = 1.0, 0.02
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -61,6 +64,12 @@ class Phase:
     # last 20 steps below this), at most after `steps`: the step at which induction forms varies with the
     # seed (measured 700-1300), a fixed count either wastes time or stops short. Still deterministic.
     until_answer_nll: float | None = None
+    # Passkey rows only: the share whose needle sits in the first tenth of the filler (else its depth is
+    # uniform), and the share whose key repeats a digit (`53377`). The two misses of the three-phase models
+    # were exactly these: the needle furthest from the question, and a doubled digit dropped.
+    near_start_share: float = 0.0
+    repeated_digit_share: float = 0.0
+    fresh_optimizer: bool = False  # a new AdamW here, so `--resume` from the shipped phases is the same run
 
 
 @dataclass(frozen=True)
@@ -86,15 +95,26 @@ def recipes() -> dict[str, Recipe]:
     # ALiBi gives no head a clean view of the previous token, and copying alone did not form induction in
     # 3,000 steps: its copy phase mixes in the trigram language, which needs that view at every position.
     copy_with_trigrams = replace(copy, lengths=(128, 128), task_mix=(0.0, 0.0, 0.5, 0.5))
+    # The three phases left the needle furthest from the question 90% found (depth 0 at 1024 tokens on the
+    # rotary model, 2048 on ALiBi) and dropped a doubled final digit at 256 tokens: hard-needle phases draw
+    # half their needles from the first tenth and half their keys with a repeated digit. On the rotary model
+    # short prompts must come before long ones (measured: short after long lost depth 0 at 1024 again).
+    def hard_needles(steps: int, lengths: tuple[int, int], fresh_optimizer: bool = True) -> Phase:
+        return Phase(steps, lengths, 8192, (0.8, 0.1, 0.1, 0.0), 5e-4, near_start_share=0.5,
+                     repeated_digit_share=0.5, fresh_optimizer=fresh_optimizer)
+
     return {
         "needle": Recipe(
             "llama-style (rotary, GQA 8 query / 2 KV heads, 4 layers, d=128) trained on passkey retrieval "
             "and associative recall, prompts up to 1300 tokens",
-            llama, (copy, mid, Phase(700, (600, 1300), 8192, (0.6, 0.25, 0.15, 0.0), 1e-3)), "sdpa"),
+            llama, (copy, mid, Phase(700, (600, 1300), 8192, (0.6, 0.25, 0.15, 0.0), 1e-3),
+                    hard_needles(100, (250, 600)), hard_needles(300, (600, 1300), fresh_optimizer=False)),
+            "sdpa"),
         "needle-alibi": Recipe(
             "Bloom-style (ALiBi, 8 heads, 4 layers, d=128) trained on passkey retrieval and associative "
             "recall, prompts up to 2000 tokens (tested to 2048 and beyond)",
-            bloom, (copy_with_trigrams, replace(mid, steps=400), Phase(550, (600, 2000), 8192, (0.6, 0.25, 0.15, 0.0), 1e-3)),
+            bloom, (copy_with_trigrams, replace(mid, steps=400),
+                    Phase(550, (600, 2000), 8192, (0.6, 0.25, 0.15, 0.0), 1e-3), hard_needles(60, (600, 2000))),
             "eager",
             through_hooked_model=True),
     }
@@ -106,8 +126,15 @@ def _encode(text: str, weight: float) -> tuple[list[int], list[float]]:
     return ids, [weight] * len(ids)
 
 
-def passkey_sample(rng: random.Random, length: int):
-    prompt = passkey_prompt(length, rng.random(), random_passkey(rng))
+def passkey_sample(rng: random.Random, length: int, phase: Phase):
+    depth = rng.random()
+    if phase.near_start_share and rng.random() < phase.near_start_share:  # no draw where unused: same data
+        depth *= 0.1
+    passkey = random_passkey(rng)
+    if phase.repeated_digit_share and rng.random() < phase.repeated_digit_share:
+        doubled = rng.randrange(1, PASSKEY_DIGITS)
+        passkey = passkey[:doubled] + passkey[doubled - 1] + passkey[doubled + 1:]
+    prompt = passkey_prompt(length, depth, passkey)
     ids, weights = _encode(prompt.text, CONTEXT_WEIGHT)
     answer_ids, answer_weights = _encode(prompt.answer + ".", ANSWER_WEIGHT)
     # the key's second mention is copyable from its first: a short-range lesson in the same skill
@@ -117,7 +144,7 @@ def passkey_sample(rng: random.Random, length: int):
     return ids + answer_ids, weights + answer_weights
 
 
-def recall_sample(rng: random.Random, length: int):
+def recall_sample(rng: random.Random, length: int, phase: Phase):
     ids, weights = _encode("Remember the codes. ", CONTEXT_WEIGHT)
     codes: dict[str, str] = {}
     while len(ids) < 0.6 * length or not codes:
@@ -140,7 +167,7 @@ def recall_sample(rng: random.Random, length: int):
     return ids[:length], weights[:length]
 
 
-def trigram_sample(rng: random.Random, length: int):
+def trigram_sample(rng: random.Random, length: int, phase: Phase):
     """A fixed trigram language (next byte = a fixed function of the two before, 80% of the time) over a
     six-letter alphabet per sequence: predicting it needs the previous token at every position, which is
     what lets induction form under ALiBi. (The copy phase's stopping rule reads the copy rows only.)"""
@@ -151,7 +178,7 @@ def trigram_sample(rng: random.Random, length: int):
     return ids, [CONTEXT_WEIGHT] * 2 + [ANSWER_WEIGHT] * (length - 2)
 
 
-def copy_sample(rng: random.Random, length: int):
+def copy_sample(rng: random.Random, length: int, phase: Phase):
     prefix = [rng.randrange(32, 127) for _ in range(rng.randrange(0, 32))]
     segment = [rng.randrange(32, 127) for _ in range(rng.randrange(8, 48))]
     repeats = math.ceil((length - len(prefix)) / len(segment))
@@ -175,7 +202,7 @@ def make_batch(rng: random.Random, phase: Phase) -> tuple[torch.Tensor, torch.Te
         task = rng.choices(TASKS, weights=phase.task_mix)[0]
         if task is passkey_sample and length < 250:
             task = recall_sample
-        samples.append(task(rng, length))
+        samples.append(task(rng, length, phase))
         copy_rows.append(task is copy_sample)
     width = max(len(ids) for ids, _ in samples)
     ids = torch.full((rows, width), PAD_ID)
@@ -186,16 +213,45 @@ def make_batch(rng: random.Random, phase: Phase) -> tuple[torch.Tensor, torch.Te
     return ids, weights, torch.tensor(copy_rows)
 
 
-def train(name: str, recipe: Recipe, seed: int, out_dir: Path, scale_steps: float = 1.0, log=print) -> dict:
+def _phases_done(recipe: Recipe, resume: Path) -> tuple[list[dict], float]:
+    """The phases a checkpoint's `training.json` records, checked against the recipe's, and their seconds."""
+    record = json.loads((resume / "training.json").read_text())
+    done = record["phases"]
+    if len(done) >= len(recipe.phases) or not recipe.phases[len(done)].fresh_optimizer:
+        raise ValueError(f"{resume} ran {len(done)} of {len(recipe.phases)} phases; --resume continues only "
+                         f"into a phase that starts a fresh optimizer")
+    for ran, phase in zip(done, recipe.phases):
+        recorded = Phase(**{key: tuple(value) if isinstance(value, list) else value for key, value in ran.items()})
+        if replace(recorded, steps=phase.steps) != phase:  # a record from before a field existed has its default
+            raise ValueError(f"{resume} ran phase {ran}, which is not the recipe's {phase}")
+    return done, record["train_seconds"]
+
+
+def train(name: str, recipe: Recipe, seed: int, out_dir: Path, scale_steps: float = 1.0, log=print,
+          resume: Path | None = None) -> dict:
+    """Train `recipe` from `seed`; `resume`: a checkpoint of this recipe's first phases (its own
+    `training.json` says which), continued into the next -- the data drawn for the phases it ran are drawn
+    again and dropped, so the run equals one from scratch."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model = tf.AutoModelForCausalLM.from_config(recipe.config, attn_implementation=recipe.attn_implementation)
+    phases_run, seconds_before = [], 0.0
+    if resume is None:
+        model = tf.AutoModelForCausalLM.from_config(recipe.config, attn_implementation=recipe.attn_implementation)
+    else:
+        phases_run, seconds_before = _phases_done(recipe, resume)
+        model = tf.AutoModelForCausalLM.from_pretrained(resume, attn_implementation=recipe.attn_implementation)
+        for ran, phase in zip(phases_run, recipe.phases):
+            for _ in range(ran["steps"]):
+                make_batch(rng, phase)
     model.train()
     forward = HookedModel(model, tokenizer=ByteTokenizer()) if recipe.through_hooked_model else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, betas=(0.9, 0.98), weight_decay=0.01)
     started = time.perf_counter()
-    history, copy_history, phases_run = [], [], []
+    history, copy_history = [], []
     for phase_index, phase in enumerate(recipe.phases):
+        if phase_index < len(phases_run):
+            continue
+        if phase_index == 0 or phase.fresh_optimizer:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, betas=(0.9, 0.98), weight_decay=0.01)
         steps = max(1, round(phase.steps * scale_steps))
         warmup = max(1, min(100, steps // 12))
         for step in range(steps):
@@ -233,7 +289,7 @@ def train(name: str, recipe: Recipe, seed: int, out_dir: Path, scale_steps: floa
         "description": recipe.description,
         "seed": seed,
         "phases": phases_run,
-        "train_seconds": round(time.perf_counter() - started, 1),
+        "train_seconds": round(seconds_before + time.perf_counter() - started, 1),
         "final_answer_nll": round(sum(history[-50:]) / len(history[-50:]), 4),
         "parameters": sum(p.numel() for p in model.parameters()),
         "threads": torch.get_num_threads(),
@@ -252,10 +308,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=TRAINED_DIR, help="parent folder of the checkpoints")
     parser.add_argument("--quick", action="store_true", help="1%% of the steps: checks the script, trains nothing useful")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the checkpoint in --out from the phases its training.json records")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for name in args.model or list(recipes()):
-        record = train(name, recipes()[name], args.seed, args.out / name, scale_steps=0.01 if args.quick else 1.0)
+        record = train(name, recipes()[name], args.seed, args.out / name, scale_steps=0.01 if args.quick else 1.0,
+                       resume=args.out / name if args.resume else None)
         print(f"{name}: {record['train_seconds']}s, final answer nll {record['final_answer_nll']}")
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -94,8 +95,6 @@ def test_passkey_budget_quick_mode_tables_are_well_formed_and_reproduced(quick_b
     assert full_512["accuracy"] >= 0.95
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 open: zoo:needle answers the key 50677 as '5067.' (a doubled "
-                   "final digit) at 256 tokens, depth 0 -- 11 of 12 in the quick grid, 96% in the full study")
 def test_passkey_budget_quick_mode_full_cache_meets_the_bar(quick_budget_study):
     _, (first, _) = quick_budget_study
     result = json.loads((first / "needle.json").read_text())
@@ -132,6 +131,25 @@ def test_training_is_deterministic_from_its_seed(tmp_path):
     first, second = (load_file(tmp_path / run / "model.safetensors") for run in ("a", "b"))
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_resumed_training_equals_training_from_scratch(tmp_path):
+    """`--resume` (how the shipped models got their last phase) redraws the data of the phases the
+    checkpoint ran and starts the last phase's fresh optimizer: the same weights as one run from scratch."""
+    train = experiment("train_needle")
+    torch.set_num_threads(1)
+    recipe = train.recipes()["needle"]
+    first_fresh = next(i for i, phase in enumerate(recipe.phases) if phase.fresh_optimizer)
+    assert first_fresh > 0
+    quiet = dict(seed=3, scale_steps=0.002, log=lambda *_: None)
+    train.train("needle", recipe, out_dir=tmp_path / "scratch", **quiet)
+    train.train("needle", replace(recipe, phases=recipe.phases[:first_fresh]), out_dir=tmp_path / "resumed", **quiet)
+    record = train.train("needle", recipe, out_dir=tmp_path / "resumed", resume=tmp_path / "resumed", **quiet)
+    assert len(record["phases"]) == len(recipe.phases)
+    scratch, resumed = (load_file(tmp_path / run / "model.safetensors") for run in ("scratch", "resumed"))
+    assert all(torch.equal(scratch[k], resumed[k]) for k in scratch)
+    with pytest.raises(ValueError, match="fresh optimizer"):
+        train.train("needle", recipe, out_dir=tmp_path / "again", resume=tmp_path / "resumed", **quiet)
 
 
 def test_cache_matrix_quick_mode_finds_transformers_static_cache_under_alibi(tmp_path):

@@ -79,7 +79,7 @@ def test_a_second_unwrapped_model_keeps_the_original_function():
 def test_unsupported_architecture_names_the_supported_families():
     from transformers import T5Config
 
-    with pytest.raises(ic.UnsupportedArchitectureError, match="supported families: gpt2, opt, .*mpt"):
+    with pytest.raises(ic.UnsupportedArchitectureError, match="supported families: gpt2, gpt_neo, opt, .*mpt, and any other decoder whose attention calls"):
         ic.HookedModel(torch.nn.Module.__new__(type("Fake", (torch.nn.Module,), {"config": T5Config()})))
     with pytest.raises(ValueError, match="the zoo has: gpt2"):
         ic.load("zoo:t5")

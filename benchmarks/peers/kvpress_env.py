@@ -4,31 +4,17 @@ benchmark's weights are saved with `save_pretrained` and decoded there by `kvpre
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
 from bench_model import SHAPE, SHAPE_TEXT, plain_model
+from peers.environment import PeerEnvironment, PeerUnavailable
 from interp_cache.models.zoo import build_zoo_model
 from report import Section
 
 KVPRESS_VERSION = "0.5.5"
-VENV = Path(__file__).resolve().parent.parent / ".kvpress-venv"
-PYTHON = VENV / "bin" / "python"
-
-
-def _ensure_environment() -> None:
-    if (VENV / ".installed").exists():
-        return
-    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    pip = [str(PYTHON), "-m", "pip", "install", "-q"]
-    subprocess.run(pip + [f"torch=={torch.__version__.split('+')[0]}"], check=True)
-    subprocess.run(pip + [f"kvpress=={KVPRESS_VERSION}"], check=True)
-    (VENV / ".installed").touch()
+ENVIRONMENT = PeerEnvironment(".kvpress-venv", [f"kvpress=={KVPRESS_VERSION}"])
 
 
 def kvpress_comparison(prompt: int = 2048, new_tokens: int = 128, keep: int = 8, repeats: int = 5,
@@ -37,27 +23,21 @@ def kvpress_comparison(prompt: int = 2048, new_tokens: int = 128, keep: int = 8,
     threads = threads or torch.get_num_threads()
     section = Section(
         f"kvpress {KVPRESS_VERSION}: decode speed and bytes, {prompt}-token prompt, keep 1/{keep}",
-        f"{SHAPE_TEXT}, the same weights through `save_pretrained`; kvpress's own environment ({VENV.name}); "
+        f"{SHAPE_TEXT}, the same weights through `save_pretrained`; kvpress's own environment ({ENVIRONMENT.venv.name}); "
         f"kvpress's pipeline recipe (prefill under the press, then single-token forwards), {new_tokens} steps, "
         f"{threads} threads, min / median / max ms per step over {repeats} alternating rounds; speed-up against "
         "no press in the same environment (eager presses against eager).",
         ["press", "ms per step", "speed-up", "bytes after prefill / full", "bytes at end / full"],
     )
     try:
-        _ensure_environment()
         with tempfile.TemporaryDirectory() as weights, tempfile.TemporaryDirectory() as bloom:
             plain_model().save_pretrained(weights)
             build_zoo_model("bloom", **{k: v for k, v in SHAPE.items() if k != "num_key_value_heads"}).save_pretrained(bloom)
-            script = Path(__file__).with_name("kvpress_decode.py")
-            done = subprocess.run(
-                [str(PYTHON), str(script), weights, "--bloom", bloom, "--prompt", str(prompt), "--new", str(new_tokens),
-                 "--keep", str(keep), "--repeats", str(repeats), "--threads", str(threads)],
-                capture_output=True, text=True, check=True,
-            )
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-    except (subprocess.CalledProcessError, OSError, ValueError) as error:
-        detail = getattr(error, "stderr", "") or ""
-        section.notes.append(f"kvpress could not run here: {error} {detail[-400:]}")
+            result = ENVIRONMENT.run("kvpress_decode.py", weights, "--bloom", bloom, "--prompt", str(prompt),
+                                     "--new", str(new_tokens), "--keep", str(keep), "--repeats", str(repeats),
+                                     "--threads", str(threads))
+    except PeerUnavailable as error:
+        section.notes.append(f"kvpress could not run here: {error}")
         return {}, section
     section.settings += f" Versions there: transformers {result['transformers']}, torch {result['torch']}."
     full_prefill = result["rows"]["none"]["bytes_after_prefill"]

@@ -71,7 +71,70 @@ class FamilyAdapter:
         """The replacement `forward`: accept the family's call signature, return what its layer expects."""
         raise NotImplementedError
 
+    # -- how the wrapping is put on and taken off -----------------------------------------------------
+    def bind(self, hf_model: nn.Module) -> FamilyAdapter:
+        """The adapter for this model instance (the generic path reads facts off the model it wraps)."""
+        return self
 
+    def install(self, module: nn.Module, runner: LayerRunner) -> Callable[[], None]:
+        """Route `module`'s attention through `runner`; return what undoes it.
+
+        An instance attribute, so the class is untouched. Where accelerate dispatched the model with a hook on
+        this very module, its `forward` is accelerate's wrapper (moving inputs, loading offloaded weights) and
+        the module's own forward is `_old_forward`: that is the one replaced, so the wrapper still runs.
+        """
+        attribute = "_old_forward" if "_old_forward" in module.__dict__ and hasattr(module, "_hf_hook") else "forward"
+        previous = module.__dict__.get(attribute)
+        setattr(module, attribute, self.make_forward(module, runner))
+
+        def undo():
+            if previous is None:
+                module.__dict__.pop(attribute, None)
+            else:
+                setattr(module, attribute, previous)
+
+        return undo
+
+    def switch_on(self, hf_model: nn.Module) -> Callable[[], None]:
+        """Model-wide changes the wrapping needs (none for an adapter that replaces `forward`); return the undo."""
+        return lambda: None
+
+    projections_hooked_by_runner = True  # hook_q/k/v/attn_out are run by `runner`, not by module sites
+
+    # -- the rest of the block: hook_mlp_out, hook_resid_mid, ln_final.hook_normalized ----------------
+    def block_layout(self, config) -> BlockLayout:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where a decoder block's MLP and residual stream are read, as attribute paths (None: the point is absent).
+
+    `mlp_out`: relative to a decoder layer, the module whose output is the MLP's contribution to the
+    residual stream (after a post-MLP norm where the family has one). `resid_mid`: the module whose first
+    input is the residual stream between attention and MLP -- the very tensor the block later adds the
+    MLP's contribution to, which is what lets a patch there reach both (absent in blocks that add
+    attention and MLP to the residual in parallel). `final_norm`: relative to the model, the norm before
+    the unembedding. `absent`: why a point is None, said when someone asks for it.
+    """
+
+    mlp_out: str | None
+    resid_mid: str | None
+    final_norm: str | None
+    absent: str = ""
+    mlp_out_added_to_in_place: bool = False  # the block adds attention into the MLP's output tensor (Falcon)
+
+    @staticmethod
+    def resolve(root: nn.Module, path: str | None) -> nn.Module | None:
+        if path is None:
+            return None
+        module = root
+        for name in path.split("."):
+            module = getattr(module, name)
+        return module
+
+
+PARALLEL_BLOCK = "attention and MLP read the same input and are added to the residual stream together (parallel block)"
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ import transformers as tf
 from torch import nn
 from transformers.models.bloom.modeling_bloom import dropout_add
 
-from interp_cache.adapters.base import Family, FamilyAdapter, LayerRunner, ZooShape
+from interp_cache.adapters.base import BlockLayout, Family, FamilyAdapter, LayerRunner, ZooShape
 from interp_cache.core.attention import AttentionSpec
 
 
@@ -97,6 +97,18 @@ class BloomAdapter(FamilyAdapter):
                 out = out + F.linear(context[:, :, lo:hi], module.dense.weight[:, lo:hi])
             return out
         return module.dense(context)
+
+    def block_layout(self, config) -> BlockLayout:
+        absent = []
+        mlp_out = "mlp.dense_4h_to_h"
+        if config.pretraining_tp > 1 and config.slow_but_exact:
+            mlp_out = None  # the MLP then applies dense_4h_to_h's weight slice by slice, never calling the module
+            absent.append("pretraining_tp > 1 with slow_but_exact: the MLP output is never formed as one module output")
+        resid_mid = "post_attention_layernorm"
+        if config.apply_residual_connection_post_layernorm:
+            resid_mid = None  # the residual is then the normalised stream itself: no single tensor to patch
+            absent.append("apply_residual_connection_post_layernorm=True: the residual is the normalised stream")
+        return BlockLayout(mlp_out, resid_mid, "transformer.ln_f", "; ".join(absent))
 
     def make_forward(self, module: nn.Module, runner: LayerRunner):
         def forward(hidden_states: torch.Tensor, residual: torch.Tensor, *args: Any, **kwargs: Any):

@@ -54,7 +54,7 @@ import transformers as tf
 from torch import nn
 from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
-from interp_cache.adapters.base import Family, FamilyAdapter, LayerRunner, ZooShape
+from interp_cache.adapters.base import PARALLEL_BLOCK, BlockLayout, Family, FamilyAdapter, LayerRunner, ZooShape
 from interp_cache.core.attention import AttentionSpec
 from interp_cache.core.rotary import apply_half_split_rotary
 
@@ -134,6 +134,12 @@ class FalconAdapter(FamilyAdapter):
     def project_out(self, module, z_bphd):
         b, p = z_bphd.shape[:2]
         return module.dense(z_bphd.reshape(b, p, -1))
+
+    def block_layout(self, config) -> BlockLayout:
+        if config.new_decoder_architecture or config.parallel_attn:
+            # `mlp_output += attention_output`: in place, after the MLP returned
+            return BlockLayout("mlp", None, "transformer.ln_f", PARALLEL_BLOCK, mlp_out_added_to_in_place=True)
+        return BlockLayout("mlp", "post_attention_layernorm", "transformer.ln_f")
 
     def make_forward(self, module: nn.Module, runner: LayerRunner):
         def forward(

@@ -20,7 +20,7 @@ import torch
 import transformers as tf
 from torch import nn
 
-from interp_cache.adapters.base import Family, FamilyAdapter, LayerRunner, ZooShape
+from interp_cache.adapters.base import BlockLayout, Family, FamilyAdapter, LayerRunner, ZooShape
 from interp_cache.core.attention import AttentionSpec
 
 
@@ -68,6 +68,9 @@ class GPT2Adapter(FamilyAdapter):
     def project_out(self, module, z_bphd):
         out = z_bphd.reshape(*z_bphd.shape[:-2], -1).contiguous()
         return module.resid_dropout(module.c_proj(out))
+
+    def block_layout(self, config) -> BlockLayout:
+        return BlockLayout(mlp_out="mlp", resid_mid="ln_2", final_norm="transformer.ln_f")
 
     def make_forward(self, module: nn.Module, runner: LayerRunner):
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any):

@@ -17,7 +17,7 @@ import torch
 import transformers as tf
 from torch import nn
 
-from interp_cache.adapters.base import Family, FamilyAdapter, LayerRunner, ZooShape
+from interp_cache.adapters.base import PARALLEL_BLOCK, BlockLayout, Family, FamilyAdapter, LayerRunner, ZooShape
 from interp_cache.core.attention import AttentionSpec
 from interp_cache.core.rotary import apply_half_split_rotary
 
@@ -59,6 +59,11 @@ class GPTNeoXAdapter(FamilyAdapter):
     def project_out(self, module, z_bphd):
         b, p = z_bphd.shape[:2]
         return module.dense(z_bphd.reshape(b, p, -1).contiguous())
+
+    def block_layout(self, config) -> BlockLayout:
+        if config.use_parallel_residual:
+            return BlockLayout("mlp", None, "gpt_neox.final_layer_norm", f"use_parallel_residual=True: {PARALLEL_BLOCK}")
+        return BlockLayout("mlp", "post_attention_layernorm", "gpt_neox.final_layer_norm")
 
     def make_forward(self, module: nn.Module, runner: LayerRunner):
         def forward(

@@ -24,7 +24,7 @@ import torch
 import transformers as tf
 from torch import nn
 
-from interp_cache.adapters.base import Family, FamilyAdapter, LayerRunner, ZooShape
+from interp_cache.adapters.base import PARALLEL_BLOCK, BlockLayout, Family, FamilyAdapter, LayerRunner, ZooShape
 from interp_cache.core.attention import AttentionSpec
 from interp_cache.core.rotary import apply_interleaved_rotary
 
@@ -82,6 +82,9 @@ class GPTJAdapter(FamilyAdapter):
         b, p = z_bphd.shape[:2]
         out = module.out_proj(z_bphd.reshape(b, p, -1).contiguous())
         return module.resid_dropout(out)
+
+    def block_layout(self, config) -> BlockLayout:
+        return BlockLayout("mlp", None, "transformer.ln_f", PARALLEL_BLOCK)
 
     def make_forward(self, module: nn.Module, runner: LayerRunner):
         def forward(

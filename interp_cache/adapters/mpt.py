@@ -42,7 +42,7 @@ import torch
 import transformers as tf
 from torch import nn
 
-from interp_cache.adapters.base import Family, FamilyAdapter, LayerRunner, ZooShape
+from interp_cache.adapters.base import BlockLayout, Family, FamilyAdapter, LayerRunner, ZooShape
 from interp_cache.core.attention import AttentionSpec
 
 _DEFAULT_ALIBI_BIAS_MAX = 8  # what MptModel.forward uses whatever the config says
@@ -126,6 +126,9 @@ class MptAdapter(FamilyAdapter):
     def project_out(self, module, z_bphd):
         b, p = z_bphd.shape[:2]
         return module.out_proj(z_bphd.reshape(b, p, -1))
+
+    def block_layout(self, config) -> BlockLayout:
+        return BlockLayout("ffn.down_proj", "norm_2", "transformer.norm_f")  # MptMLP adds the residual itself
 
     def make_forward(self, module: nn.Module, runner: LayerRunner):
         def forward(

@@ -21,7 +21,7 @@ import torch
 import transformers as tf
 from torch import nn
 
-from interp_cache.adapters.base import Family, FamilyAdapter, LayerRunner, ZooShape
+from interp_cache.adapters.base import BlockLayout, Family, FamilyAdapter, LayerRunner, ZooShape
 from interp_cache.core.attention import AttentionSpec
 
 
@@ -63,6 +63,14 @@ class OPTAdapter(FamilyAdapter):
     def project_out(self, module, z_bphd):
         b, p = z_bphd.shape[:2]
         return module.out_proj(z_bphd.reshape(b, p, -1).contiguous())
+
+    def block_layout(self, config) -> BlockLayout:
+        # OPT has no MLP module: fc1 -> activation -> fc2 sit on the layer. Post-LN OPT (do_layer_norm_before=False,
+        # e.g. opt-350m) feeds the normalised residual to fc1 and has no final norm.
+        if config.do_layer_norm_before:
+            final = None if getattr(config, "_remove_final_layer_norm", False) else "model.decoder.final_layer_norm"
+            return BlockLayout("fc2", "final_layer_norm", final)
+        return BlockLayout("fc2", "fc1", None, "do_layer_norm_before=False (post-LN): the decoder has no final norm")
 
     def make_forward(self, module: nn.Module, runner: LayerRunner):
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any):

@@ -12,6 +12,7 @@ import pkgutil
 from functools import cache
 
 import interp_cache.adapters as adapters_package
+from interp_cache.adapters.attention_interface import AttentionInterfaceAdapter, supports_interface
 from interp_cache.adapters.base import Family, FamilyAdapter
 
 
@@ -41,17 +42,27 @@ def supported_families() -> tuple[str, ...]:
     return tuple(families())
 
 
+GENERIC_PATH = "any other decoder whose attention calls transformers' attention interface (generic path)"
+
+
+def _family_serving(config) -> Family:
+    serving = [family for family in families().values() if family.serves(config)]
+    if len(serving) == 1:
+        return serving[0]
+    model_type = getattr(config, "model_type", None)
+    if not serving and model_type and supports_interface(config):
+        return Family(model_type, AttentionInterfaceAdapter(model_type), model_type, None, "generic path, undeclared")
+    raise UnsupportedArchitectureError(
+        f"model_type {model_type!r} ({type(config).__name__}) is not supported; "
+        f"supported families: {', '.join(supported_families())}, and {GENERIC_PATH}"
+    )
+
+
 def family_of(config) -> str:
-    """The family name for a transformers config (Falcon with ALiBi is its own family)."""
-    serving = [family.name for family in families().values() if family.serves(config)]
-    if len(serving) != 1:
-        model_type = getattr(config, "model_type", None)
-        raise UnsupportedArchitectureError(
-            f"model_type {model_type!r} ({type(config).__name__}) is not supported; "
-            f"supported families: {', '.join(supported_families())}"
-        )
-    return serving[0]
+    """The family name for a transformers config (Falcon with ALiBi is its own family); a model type without an
+    adapter file is served by the generic path where its attention uses transformers' attention interface."""
+    return _family_serving(config).name
 
 
 def adapter_for(config) -> FamilyAdapter:
-    return families()[family_of(config)].adapter
+    return _family_serving(config).adapter

@@ -15,7 +15,7 @@ import torch
 import transformers as tf
 from torch import nn
 
-from interp_cache.adapters.base import Family, FamilyAdapter, LayerRunner, ZooShape
+from interp_cache.adapters.base import PARALLEL_BLOCK, BlockLayout, Family, FamilyAdapter, LayerRunner, ZooShape
 from interp_cache.core.attention import AttentionSpec
 from interp_cache.core.rotary import apply_half_split_rotary
 
@@ -66,6 +66,13 @@ class RotaryInterfaceAdapter(FamilyAdapter):
         b, p = z_bphd.shape[:2]
         out_proj = module.dense if hasattr(module, "dense") else module.o_proj
         return out_proj(z_bphd.reshape(b, p, -1))
+
+    def block_layout(self, config) -> BlockLayout:
+        if self.family == "phi":
+            return BlockLayout("mlp", None, "model.final_layernorm", PARALLEL_BLOCK)
+        if self.family == "gemma2":  # post-attention and post-MLP norms sit inside the residual branches
+            return BlockLayout("post_feedforward_layernorm", "pre_feedforward_layernorm", "model.norm")
+        return BlockLayout("mlp", "post_attention_layernorm", "model.norm")
 
     def make_forward(self, module: nn.Module, runner: LayerRunner):
         def forward(hidden_states: torch.Tensor, position_embeddings=None, *args: Any, **kwargs: Any):

@@ -40,6 +40,7 @@ class AttentionLayerRunner:
 
     def __call__(self, hidden_states: torch.Tensor, call_kwargs: dict[str, Any]) -> torch.Tensor:
         context, cache_layer = self.forward_source(self.layer_idx)
+        context = context.on(hidden_states.device)
         adapter, module, attn_hooks = self.adapter, self.module, self.hooks.attn
         q, k, v = adapter.project_qkv(module, hidden_states, call_kwargs)
         q = run_hook(attn_hooks.hook_q, q, context)
@@ -47,14 +48,29 @@ class AttentionLayerRunner:
         v = run_hook(attn_hooks.hook_v, v, context)
         if adapter.rotary:
             q, k = adapter.apply_rotary(module, q, k, call_kwargs)
-            q = run_hook(attn_hooks.hook_rot_q, q, context)
-            k = run_hook(attn_hooks.hook_rot_k, k, context)
-        query_bhpd = q.transpose(1, 2)
+        z = self._attend(context, cache_layer, q, k, v)
+        out = adapter.project_out(module, z)
+        return run_hook(self.hooks.hook_attn_out, out, context)
+
+    def attend_rotated(self, query_bhpd: torch.Tensor, key_bgpd: torch.Tensor, value_bgpd: torch.Tensor) -> torch.Tensor:
+        """From q, k (positionally encoded) and v as transformers' attention interface hands them over, to z
+        `[b, p, h, d]`: the generic path (`adapters.attention_interface`)."""
+        context, cache_layer = self.forward_source(self.layer_idx)
+        return self._attend(context, cache_layer, query_bhpd.transpose(1, 2), key_bgpd.transpose(1, 2),
+                            value_bgpd.transpose(1, 2))
+
+    def _attend(self, context: ForwardContext, cache_layer: HookedCacheLayer, q_bphd: torch.Tensor,
+                k_bpgd: torch.Tensor, v_bpgd: torch.Tensor) -> torch.Tensor:
+        attn_hooks = self.hooks.attn
+        context = context.on(q_bphd.device)
+        if self.adapter.rotary:
+            q_bphd = run_hook(attn_hooks.hook_rot_q, q_bphd, context)
+            k_bpgd = run_hook(attn_hooks.hook_rot_k, k_bpgd, context)
+        query_bhpd = q_bphd.transpose(1, 2)
         read = cache_layer.write_and_read(
-            k.transpose(1, 2), v.transpose(1, 2), context, self.hooks.cache, query_bhpd, self.spec
+            k_bpgd.transpose(1, 2), v_bpgd.transpose(1, 2), context, self.hooks.cache, query_bhpd, self.spec
         )
         z = attend(query_bhpd, read, self.spec, context, attn_hooks, self.force_explicit)
         if cache_layer.policy is not None:
             cache_layer.after_attention(query_bhpd, read, self.spec, context, self.hooks.cache)
-        out = adapter.project_out(module, z)
-        return run_hook(self.hooks.hook_attn_out, out, context)
+        return z

@@ -35,6 +35,14 @@ class HookedCache(CacheEditing, Cache):
         self._unfolded_positions: list[torch.Tensor] = []
         self.forward_count = 0  # the decode step of the next forward; 0 is the first (the prefill)
         self.slots_per_forward: list[int] = []  # token slots each past forward fed, for rewind
+        # True while a forward of a model on the generic path runs (`adapters.attention_interface`): its
+        # modules call update() before attention, and the write belongs to the core, which knows positions.
+        self.written_in_attention = False
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        if self.written_in_attention:
+            return key_states, value_states  # the attention core writes them, with their true positions
+        return self.layers[layer_idx].update(key_states, value_states)  # raises: not a HookedModel forward
 
     # -- lifecycle of one forward --------------------------------------------------------------------
     def derive_positions(self, new_is_padding: torch.Tensor) -> torch.Tensor:

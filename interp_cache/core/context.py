@@ -22,6 +22,7 @@ class ForwardContext:
     is_padding: torch.Tensor  # [b, p] True where the token is padding
     has_padding: bool  # is_padding.any(), computed once
     mask_memo: dict = field(default_factory=dict)  # attention masks shared by layers with equal key positions
+    on_devices: dict = field(default_factory=dict)  # this context's copy on each other device (`on`)
 
     @cached_property
     def stored_positions(self) -> torch.Tensor:
@@ -31,3 +32,14 @@ class ForwardContext:
     @property
     def num_new(self) -> int:
         return self.positions.shape[1]
+
+    def on(self, device: torch.device) -> ForwardContext:
+        """This context with its tensors on `device`: a layer of a model split across devices reads positions
+        where its cache entries live. Made once per device and forward."""
+        if self.positions.device == device:
+            return self
+        moved = self.on_devices.get(device)
+        if moved is None:
+            moved = ForwardContext(self.step, self.positions.to(device), self.is_padding.to(device), self.has_padding)
+            self.on_devices[device] = moved
+        return moved

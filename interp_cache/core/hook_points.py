@@ -187,15 +187,16 @@ class _HookContainer(nn.Module):
 class AttentionHooks(_HookContainer):
     """`blocks.{i}.attn.*`: projections, positional encoding, scores, pattern and z."""
 
-    def __init__(self, layer_idx: int, heads: HeadDims, rotary: bool, alibi: bool):
+    def __init__(self, layer_idx: int, heads: HeadDims, rotary: bool, alibi: bool, projections: bool = True):
         super().__init__()
         h, g, d = heads.num_heads, heads.num_kv_heads, heads.head_dim
         query = HookLayout.of(HookKind.TOKENS, batch=None, token=None, head=h, channel=d)
         key_value = HookLayout.of(HookKind.TOKENS, batch=None, token=None, kv_head=g, channel=d)
         scores = HookLayout.of(HookKind.KEYED, heads.score_dtype, batch=None, head=h, token=None, entry=None)
-        self.hook_q = CachedDecodingHookPoint(query, layer_idx)
-        self.hook_k = CachedDecodingHookPoint(key_value, layer_idx)
-        self.hook_v = CachedDecodingHookPoint(key_value, layer_idx)
+        if projections:  # absent where the module forms q, k, v in no module output that can be read
+            self.hook_q = CachedDecodingHookPoint(query, layer_idx)
+            self.hook_k = CachedDecodingHookPoint(key_value, layer_idx)
+            self.hook_v = CachedDecodingHookPoint(key_value, layer_idx)
         if rotary:
             self.hook_rot_q = CachedDecodingHookPoint(query, layer_idx)
             self.hook_rot_k = CachedDecodingHookPoint(key_value, layer_idx)
@@ -233,15 +234,40 @@ class CacheHooks(_HookContainer):
         self._mirror_submodules()
 
 
-class BlockHooks(_HookContainer):
-    """`blocks.{i}.*`: the residual stream around layer i, its attention and its cache."""
+@dataclass(frozen=True)
+class BlockPoints:
+    """Which of a block's optional hook points exist (a family declares them, `adapters.base.BlockLayout`)."""
 
-    def __init__(self, layer_idx: int, heads: HeadDims, hidden_size: int, rotary: bool, alibi: bool):
+    rotary: bool
+    alibi: bool
+    projections: bool = True  # hook_q / hook_k / hook_v
+    mlp_out: bool = True
+    resid_mid: bool = True
+
+
+class BlockHooks(_HookContainer):
+    """`blocks.{i}.*`: the residual stream around layer i, its attention, its cache and its MLP's output."""
+
+    def __init__(self, layer_idx: int, heads: HeadDims, hidden_size: int, points: BlockPoints):
         super().__init__()
         residual = token_layout(hidden_size)
         self.hook_resid_pre = CachedDecodingHookPoint(residual, layer_idx)
-        self.attn = AttentionHooks(layer_idx, heads, rotary=rotary, alibi=alibi)
+        self.attn = AttentionHooks(layer_idx, heads, rotary=points.rotary, alibi=points.alibi,
+                                   projections=points.projections)
         self.cache = CacheHooks(layer_idx, heads)
         self.hook_attn_out = CachedDecodingHookPoint(residual, layer_idx)
+        if points.resid_mid:
+            self.hook_resid_mid = CachedDecodingHookPoint(residual, layer_idx)
+        if points.mlp_out:
+            self.hook_mlp_out = CachedDecodingHookPoint(residual, layer_idx)
         self.hook_resid_post = CachedDecodingHookPoint(residual, layer_idx)
+        self._mirror_submodules()
+
+
+class FinalNormHooks(_HookContainer):
+    """`ln_final.hook_normalized`: the residual stream after the final norm, what the unembedding reads."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.hook_normalized = CachedDecodingHookPoint(token_layout(hidden_size))
         self._mirror_submodules()

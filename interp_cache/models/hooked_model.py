@@ -11,7 +11,6 @@ is closed -- also when the run raises, in which case the cache writes of the fai
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import nn
 from transformer_lens.HookedRootModule import HookedRootModule
 from transformers.cache_utils import Cache
 
+from interp_cache.adapters.base import BlockLayout
 from interp_cache.adapters.registry import adapter_for, family_of
 from interp_cache.adapters.runner import AttentionLayerRunner
 from interp_cache.analysis.recording import record
@@ -31,12 +31,15 @@ from interp_cache.core.context import ForwardContext
 from interp_cache.core.hook_points import (
     POSITION_IDS_LAYOUT,
     BlockHooks,
+    BlockPoints,
     CachedDecodingHookPoint,
+    FinalNormHooks,
     check_hook_function,
     run_hook,
     token_layout,
 )
 from interp_cache.decoding.generate import generate
+from interp_cache.models.hook_sites import ActivationSites
 from interp_cache.models.lens_habits import TransformerLensHabits
 
 
@@ -62,16 +65,20 @@ class HookedModel(TransformerLensHabits, HookedRootModule):
     def __init__(self, hf_model: nn.Module, tokenizer=None):
         super().__init__()
         self.family = family_of(hf_model.config)
-        self.adapter = adapter_for(hf_model.config)
+        self.adapter = adapter = adapter_for(hf_model.config).bind(hf_model)
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self._open: OpenForward | None = None
         self._unwrapped = False
 
-        adapter = self.adapter
         layers = adapter.decoder_layers(hf_model)
         modules = [adapter.attention_module(layer) for layer in layers]
         specs = [adapter.attention_spec(hf_model, i, module) for i, module in enumerate(modules)]
+        layout = adapter.block_layout(hf_model.config)
+        self.block_layout = layout
+        hidden = hf_model.config.hidden_size
+        projections = [None if adapter.projections_hooked_by_runner else adapter.qkv_projections(i)
+                       for i in range(len(layers))]
         embedding = adapter.token_embedding(hf_model)
         self.hook_embed = CachedDecodingHookPoint(token_layout(_embedding_width(embedding)))
         if adapter.learned_positions:
@@ -79,45 +86,46 @@ class HookedModel(TransformerLensHabits, HookedRootModule):
             self.hook_pos_embed = CachedDecodingHookPoint(token_layout(_embedding_width(position_embedding)))
         self.hook_position_ids = CachedDecodingHookPoint(POSITION_IDS_LAYOUT)
         self.blocks = nn.ModuleList(
-            BlockHooks(i, spec.head_dims, hf_model.config.hidden_size, rotary=adapter.rotary, alibi=adapter.alibi)
+            BlockHooks(i, spec.head_dims, hidden, BlockPoints(
+                rotary=adapter.rotary, alibi=adapter.alibi,
+                projections=adapter.projections_hooked_by_runner or projections[i] is not None,
+                mlp_out=layout.mlp_out is not None, resid_mid=layout.resid_mid is not None))
             for i, spec in enumerate(specs)
         )
+        final_norm = BlockLayout.resolve(hf_model, layout.final_norm)
+        if final_norm is not None:
+            self.ln_final = FinalNormHooks(hidden)
         self._accepts_position_ids = adapter.accepts_position_ids(hf_model)
         self.runners: list[AttentionLayerRunner] = []
-        # (transformers module, hook point, torch-hook installer): installed only while the point is hooked,
-        # so the unhooked fast path carries no torch hook on the embeddings or decoder layers.
-        self._activation_sites: list[tuple[CachedDecodingHookPoint, Callable[[], Any]]] = []
-        self._installed_sites: dict[int, Any] = {}
+        self._sites = sites = ActivationSites(lambda: None if self._open is None else self._open.context)
+        self._undo = []
         for i, (layer, module, spec) in enumerate(zip(layers, modules, specs)):
             runner = AttentionLayerRunner(adapter, module, i, spec, self.blocks[i], self._layer_forward)
-            module.forward = adapter.make_forward(module, runner)  # instance attribute: the class is untouched
+            self._undo.append(adapter.install(module, runner))
             self.runners.append(runner)
             block = self.blocks[i]
-            self._add_site(block.hook_resid_pre, lambda l=layer, i=i: l.register_forward_pre_hook(
-                self._resid_pre_hook(i), with_kwargs=True))
-            self._add_site(block.hook_resid_post, lambda l=layer, i=i: l.register_forward_hook(self._resid_post_hook(i)))
-        self._add_site(self.hook_embed, lambda: embedding.register_forward_hook(self._activation_hook("hook_embed")))
+            sites.input(block.hook_resid_pre, layer)
+            for point_name, projection, first, end in projections[i] or ():
+                sites.projection(getattr(block.attn, point_name), projection, first, end)
+            if not adapter.projections_hooked_by_runner:
+                sites.output(block.hook_attn_out, module)
+            if layout.resid_mid is not None:
+                sites.shared_input(block.hook_resid_mid, BlockLayout.resolve(layer, layout.resid_mid))
+            if layout.mlp_out is not None:
+                sites.output(block.hook_mlp_out, BlockLayout.resolve(layer, layout.mlp_out),
+                             edited_in_place_after=layout.mlp_out_added_to_in_place)
+            sites.output(block.hook_resid_post, layer)
+        sites.output(self.hook_embed, embedding)
         if adapter.learned_positions:
-            self._add_site(self.hook_pos_embed, lambda: position_embedding.register_forward_hook(
-                self._activation_hook("hook_pos_embed")))
-        self._wrapped_modules = modules
+            sites.output(self.hook_pos_embed, position_embedding)
+        if final_norm is not None:
+            sites.output(self.ln_final.hook_normalized, final_norm)
+        self._undo.append(adapter.switch_on(hf_model))
         self._context_handles = [
             hf_model.register_forward_pre_hook(self._open_context, with_kwargs=True),
             hf_model.register_forward_hook(self._close_context, always_call=True),
         ]
         self.setup()
-
-    def _add_site(self, point: CachedDecodingHookPoint, install: Callable[[], Any]) -> None:
-        self._activation_sites.append((point, install))
-
-    def _sync_activation_sites(self) -> None:
-        for index, (point, install) in enumerate(self._activation_sites):
-            handle = self._installed_sites.get(index)
-            if point._forward_hooks and handle is None:
-                self._installed_sites[index] = install()
-            elif not point._forward_hooks and handle is not None:
-                handle.remove()
-                del self._installed_sites[index]
 
     def setup(self):
         # Only our hook points get names; the wrapped transformers modules are left as they are.
@@ -135,7 +143,9 @@ class HookedModel(TransformerLensHabits, HookedRootModule):
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where inputs go: the token embedding's device (the CPU where accelerate offloaded it)."""
+        device = self.hf_model.get_input_embeddings().weight.device
+        return torch.device("cpu") if device.type == "meta" else device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -240,12 +250,12 @@ class HookedModel(TransformerLensHabits, HookedRootModule):
     def unwrap(self) -> nn.Module:
         """Give the wrapped transformers model its own behaviour back and return it (this wrapper then refuses
         to run): its attention modules' original `forward`, no hooks of ours on it."""
-        for module in self._wrapped_modules:
-            module.__dict__.pop("forward", None)
-        for handle in self._context_handles + list(self._installed_sites.values()):
+        for undo in self._undo:
+            undo()
+        for handle in self._context_handles:
             handle.remove()
-        self._context_handles, self._wrapped_modules = [], []
-        self._installed_sites.clear()
+        self._sites.remove_all()
+        self._context_handles, self._undo = [], []
         self._unwrapped = True
         return self.hf_model
 
@@ -296,8 +306,9 @@ class HookedModel(TransformerLensHabits, HookedRootModule):
         context.positions = run_hook(self.hook_position_ids, positions, context)
         if self._accepts_position_ids:
             kwargs["position_ids"] = context.positions
-        self._sync_activation_sites()
+        self._sites.sync()
         cache.begin_forward()
+        cache.written_in_attention = not self.adapter.projections_hooked_by_runner
         self._open = OpenForward(context, cache, persistent)
         return args, kwargs
 
@@ -342,6 +353,7 @@ class HookedModel(TransformerLensHabits, HookedRootModule):
         opened, self._open = self._open, None
         if opened is None:
             return output
+        opened.cache.written_in_attention = False
         if output is None:  # the forward raised: undo its cache writes
             opened.cache.rollback()
             return output
@@ -349,42 +361,6 @@ class HookedModel(TransformerLensHabits, HookedRootModule):
         if not opened.persistent and getattr(output, "past_key_values", None) is not None:
             output.past_key_values = None
         return output
-
-    # -- residual stream and embedding hooks ---------------------------------------------------------
-    def _activation_hook(self, point_name: str):
-        point = getattr(self, point_name)
-
-        def hook(module, args, output):
-            if point._forward_hooks and self._open is not None:
-                return run_hook(point, output, self._open.context)
-            return None
-
-        return hook
-
-    def _resid_pre_hook(self, layer_idx: int):
-        point = self.blocks[layer_idx].hook_resid_pre
-
-        def hook(module, args, kwargs):
-            if not point._forward_hooks or self._open is None:
-                return None
-            if args:
-                return (run_hook(point, args[0], self._open.context), *args[1:]), kwargs
-            kwargs["hidden_states"] = run_hook(point, kwargs["hidden_states"], self._open.context)
-            return args, kwargs
-
-        return hook
-
-    def _resid_post_hook(self, layer_idx: int):
-        point = self.blocks[layer_idx].hook_resid_post
-
-        def hook(module, args, output):
-            if not point._forward_hooks or self._open is None:
-                return None
-            if isinstance(output, tuple):
-                return (run_hook(point, output[0], self._open.context), *output[1:])
-            return run_hook(point, output, self._open.context)
-
-        return hook
 
     def record(self, names_filter=None, device="cpu", dtype=None):
         """`with model.record(names) as rec: ...`: every hook call's activation with its step and positions."""

@@ -7,6 +7,7 @@ import inspect
 from collections.abc import Mapping
 
 import torch
+from accelerate.utils.modeling import get_state_dict_offloaded_model
 from transformers import AutoModelForCausalLM
 
 DEFAULT_PROMPTS = (
@@ -137,7 +138,14 @@ def unwrapped_copy(model, attn_implementation: str):
     """The original transformers model with the same weights, under the given attention implementation."""
     config = type(model.config).from_dict(model.config.to_dict())
     reference = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=model.dtype)
-    reference.load_state_dict(model.hf_model.state_dict())
+    if hasattr(model.hf_model, "hf_device_map"):  # dispatched by accelerate: offloaded weights are on "meta"
+        state = get_state_dict_offloaded_model(model.hf_model)  # loaded module by module, onto the CPU
+        reference.load_state_dict(state, strict=False)  # buffers that are not weights keep their fresh values
+        missing = {name for name, _ in reference.named_parameters()} - set(state)
+        if missing:
+            raise RuntimeError(f"could not read the dispatched model's weights {sorted(missing)[:5]}")
+    else:
+        reference.load_state_dict(model.hf_model.state_dict())
     return reference.to(model.device).eval()
 
 
