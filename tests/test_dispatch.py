@@ -18,6 +18,7 @@ import torch
 import interp_cache as ic
 from conftest import padded_batch
 from interp_cache.compress import SnapKV
+from interp_cache.core.context import ForwardContext
 from interp_cache.models.zoo import build_zoo_model
 from interp_cache.verify import verify
 
@@ -110,3 +111,15 @@ def test_layers_on_two_gpus_compute_what_one_device_does(family, tmp_path_factor
     reference = ic.load(f"zoo:{family}", device="cuda:0")
     model = _load(family, tmp_path_factory, _map_with_last_layer_on(family, "cuda:1", others="cuda:0"))
     _same_run(model, reference)
+
+
+def test_a_forward_context_moves_its_positions_to_a_layers_device_once():
+    """What lets a layer on another device read positions where its cache entries live (the two-GPU test
+    exercises it for real; "meta" stands in for the second device here)."""
+    positions = torch.tensor([[0, 1, 2], [0, 0, 1]])
+    context = ForwardContext(3, positions, positions == 0, True)
+    assert context.on(torch.device("cpu")) is context
+    moved = context.on(torch.device("meta"))
+    assert moved.positions.device.type == "meta" and moved.is_padding.device.type == "meta"
+    assert context.on(torch.device("meta")) is moved
+    assert (moved.step, moved.has_padding, moved.num_new) == (3, True, 3)
