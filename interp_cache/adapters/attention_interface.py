@@ -150,7 +150,7 @@ def _layers_holding(hf_model: nn.Module, attention_modules: list[nn.Module]) -> 
 class AttentionInterfaceAdapter(FamilyAdapter):
     """A family served by the generic path. `bind(hf_model)` probes the model and gives a `BoundInterfaceAdapter`."""
 
-    projections_hooked_by_runner = False
+    keeps_module_forward = True
 
     def __init__(self, family: str, layout: BlockLayout | None = None, fused_qkv: str | None = None):
         self.family = family

@@ -99,7 +99,10 @@ class FamilyAdapter:
         """Model-wide changes the wrapping needs (none for an adapter that replaces `forward`); return the undo."""
         return lambda: None
 
-    projections_hooked_by_runner = True  # hook_q/k/v/attn_out are run by `runner`, not by module sites
+    # False: `install` replaces the module's forward, and the runner fires hook_q/k/v and hook_attn_out. True (the
+    # generic path): the module runs its own forward, so those points are read off its submodules, and the
+    # cache's `update` it calls is a no-op while the core writes the entries.
+    keeps_module_forward = False
 
     # -- the rest of the block: hook_mlp_out, hook_resid_mid, ln_final.hook_normalized ----------------
     def block_layout(self, config) -> BlockLayout:
@@ -126,12 +129,7 @@ class BlockLayout:
 
     @staticmethod
     def resolve(root: nn.Module, path: str | None) -> nn.Module | None:
-        if path is None:
-            return None
-        module = root
-        for name in path.split("."):
-            module = getattr(module, name)
-        return module
+        return None if path is None else root.get_submodule(path)
 
 
 PARALLEL_BLOCK = "attention and MLP read the same input and are added to the residual stream together (parallel block)"

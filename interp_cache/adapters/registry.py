@@ -13,7 +13,7 @@ from functools import cache
 
 import interp_cache.adapters as adapters_package
 from interp_cache.adapters.attention_interface import AttentionInterfaceAdapter, supports_interface
-from interp_cache.adapters.base import Family, FamilyAdapter
+from interp_cache.adapters.base import Family
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -45,7 +45,9 @@ def supported_families() -> tuple[str, ...]:
 GENERIC_PATH = "any other decoder whose attention calls transformers' attention interface (generic path)"
 
 
-def _family_serving(config) -> Family:
+def family_for(config) -> Family:
+    """The one family that serves a transformers config: a declared one, else the generic path where the
+    config's causal-LM class uses transformers' attention interface; anything else is an error."""
     serving = [family for family in families().values() if family.serves(config)]
     if len(serving) == 1:
         return serving[0]
@@ -61,8 +63,4 @@ def _family_serving(config) -> Family:
 def family_of(config) -> str:
     """The family name for a transformers config (Falcon with ALiBi is its own family); a model type without an
     adapter file is served by the generic path where its attention uses transformers' attention interface."""
-    return _family_serving(config).name
-
-
-def adapter_for(config) -> FamilyAdapter:
-    return _family_serving(config).adapter
+    return family_for(config).name

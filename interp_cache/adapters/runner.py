@@ -56,13 +56,13 @@ class AttentionLayerRunner:
         """From q, k (positionally encoded) and v as transformers' attention interface hands them over, to z
         `[b, p, h, d]`: the generic path (`adapters.attention_interface`)."""
         context, cache_layer = self.forward_source(self.layer_idx)
+        context = context.on(query_bhpd.device)
         return self._attend(context, cache_layer, query_bhpd.transpose(1, 2), key_bgpd.transpose(1, 2),
                             value_bgpd.transpose(1, 2))
 
     def _attend(self, context: ForwardContext, cache_layer: HookedCacheLayer, q_bphd: torch.Tensor,
                 k_bpgd: torch.Tensor, v_bpgd: torch.Tensor) -> torch.Tensor:
         attn_hooks = self.hooks.attn
-        context = context.on(q_bphd.device)
         if self.adapter.rotary:
             q_bphd = run_hook(attn_hooks.hook_rot_q, q_bphd, context)
             k_bpgd = run_hook(attn_hooks.hook_rot_k, k_bpgd, context)

@@ -20,7 +20,7 @@ from transformer_lens.HookedRootModule import HookedRootModule
 from transformers.cache_utils import Cache
 
 from interp_cache.adapters.base import BlockLayout
-from interp_cache.adapters.registry import adapter_for, family_of
+from interp_cache.adapters.registry import family_for
 from interp_cache.adapters.runner import AttentionLayerRunner
 from interp_cache.analysis.recording import record
 from interp_cache.cache.hooked_cache import HookedCache
@@ -64,8 +64,9 @@ class HookedModel(TransformerLensHabits, HookedRootModule):
 
     def __init__(self, hf_model: nn.Module, tokenizer=None):
         super().__init__()
-        self.family = family_of(hf_model.config)
-        self.adapter = adapter = adapter_for(hf_model.config).bind(hf_model)
+        family = family_for(hf_model.config)
+        self.family = family.name
+        self.adapter = adapter = family.adapter.bind(hf_model)
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self._open: OpenForward | None = None
@@ -77,8 +78,7 @@ class HookedModel(TransformerLensHabits, HookedRootModule):
         layout = adapter.block_layout(hf_model.config)
         self.block_layout = layout
         hidden = hf_model.config.hidden_size
-        projections = [None if adapter.projections_hooked_by_runner else adapter.qkv_projections(i)
-                       for i in range(len(layers))]
+        projections = [adapter.qkv_projections(i) if adapter.keeps_module_forward else None for i in range(len(layers))]
         embedding = adapter.token_embedding(hf_model)
         self.hook_embed = CachedDecodingHookPoint(token_layout(_embedding_width(embedding)))
         if adapter.learned_positions:
@@ -88,7 +88,7 @@ class HookedModel(TransformerLensHabits, HookedRootModule):
         self.blocks = nn.ModuleList(
             BlockHooks(i, spec.head_dims, hidden, BlockPoints(
                 rotary=adapter.rotary, alibi=adapter.alibi,
-                projections=adapter.projections_hooked_by_runner or projections[i] is not None,
+                projections=not adapter.keeps_module_forward or projections[i] is not None,
                 mlp_out=layout.mlp_out is not None, resid_mid=layout.resid_mid is not None))
             for i, spec in enumerate(specs)
         )
@@ -107,7 +107,7 @@ class HookedModel(TransformerLensHabits, HookedRootModule):
             sites.input(block.hook_resid_pre, layer)
             for point_name, projection, first, end in projections[i] or ():
                 sites.projection(getattr(block.attn, point_name), projection, first, end)
-            if not adapter.projections_hooked_by_runner:
+            if adapter.keeps_module_forward:
                 sites.output(block.hook_attn_out, module)
             if layout.resid_mid is not None:
                 sites.shared_input(block.hook_resid_mid, BlockLayout.resolve(layer, layout.resid_mid))
@@ -308,7 +308,7 @@ class HookedModel(TransformerLensHabits, HookedRootModule):
             kwargs["position_ids"] = context.positions
         self._sites.sync()
         cache.begin_forward()
-        cache.written_in_attention = not self.adapter.projections_hooked_by_runner
+        cache.written_in_attention = self.adapter.keeps_module_forward
         self._open = OpenForward(context, cache, persistent)
         return args, kwargs
 
