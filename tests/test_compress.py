@@ -78,7 +78,7 @@ def test_budget_at_or_above_length_is_bitwise_identity(family):
 @pytest.mark.parametrize("policy_index", range(len(small_policies())), ids=[type(p).__name__ for p in small_policies()])
 def test_decoding_after_eviction_equals_dense_reference_reading_the_same_entries(family, policy_index):
     """Every decode step of a compressed run == a dense run whose attention sees only the entries the
-    compressed run read (the rest hidden), with their true positions: float32, <= 1e-5."""
+    compressed run read (the rest hidden), with their true positions: float32, <= 1e-5 (GPT-Neo 2e-5)."""
     model = hooked(family)
     policy = small_policies()[policy_index]
     if isinstance(policy, Quest) and model.num_layers <= policy.dense_for(model.num_layers):
@@ -98,7 +98,10 @@ def test_decoding_after_eviction_equals_dense_reference_reading_the_same_entries
             reference = dense.prefill(ids, mask)[:, -1] if step == 0 else dense.step(token)
         worst = max(worst, (logits - reference).abs().max().item())
         token = logits.argmax(-1)
-    assert worst <= 1e-5, f"{family} {type(policy).__name__}: max abs logit diff {worst:.2e}"
+    # H2O's decode steps form their weights explicitly (core.received.attend_and_receive) where the reference
+    # runs SDPA: GPT-Neo's unscaled float32 scores, the zoo's largest rounding, then differ by 1.2e-5.
+    bound = 2e-5 if family == "gpt_neo" else 1e-5
+    assert worst <= bound, f"{family} {type(policy).__name__}: max abs logit diff {worst:.2e}"
     if not isinstance(policy, Quest):
         stored, dense_stored = compressed.cache.kept_counts().sum(), dense.cache.kept_counts().sum()
         assert stored < dense_stored, "the policy evicted nothing"

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import hooked
-from interp_cache.cache.storage import grown_capacity
+from interp_cache.cache.storage import CAPACITY_GRANULARITY, grown_capacity
 from interp_cache.compress import H2O, AdaKV, HeadWise, KNorm, PyramidKV, Random, SnapKV, StreamingLLM
 from interp_cache.decoding import Stepper
 
@@ -81,3 +83,23 @@ def test_streaming_llm_bytes_follow_the_entries_kept_at_every_step_llama():
         assert layer_bytes <= model.num_layers * (held + headroom) * bytes_per_entry, (step, held)
         token = compressed.step(token).argmax(-1)
         full.step(token)
+
+
+@given(capacity=st.integers(0, 1 << 22))
+def test_one_growth_step_adds_at_least_one_entry_and_less_than_16_plus_a_32nd(capacity):
+    grown = grown_capacity(capacity)
+    assert grown % CAPACITY_GRANULARITY == 0
+    assert capacity < grown < capacity + CAPACITY_GRANULARITY + max(1, capacity // 32)
+
+
+def test_pyramidkv_top_layers_keep_under_16_spare_entries_while_decoding_llama():
+    """PyramidKV's top layer keeps a few entries; the first decode step grows its storage by under 16 entries
+    (rounding `capacity + 16` up to 16 had given a 2-entry head 30 spare slots)."""
+    model = hooked("llama")
+    stepper = Stepper(model, compress=PyramidKV(budget=8, window=2, kernel=3))
+    logits = stepper.prefill(prompt())[:, -1]
+    for _ in range(4):
+        logits = stepper.step(logits.argmax(-1))
+        for layer in stepper.cache.layers:
+            spare = layer.storage.capacity - layer.storage.physical_length
+            assert 0 <= spare < CAPACITY_GRANULARITY, (layer.layer_idx, layer.storage.capacity)

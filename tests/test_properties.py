@@ -137,3 +137,13 @@ def test_top_per_head_is_the_stable_ranking_sorted_for_all_scores_with_ties(scor
     scores_bgk[1, 2] = scores_bgk[1, 2].flip(-1)  # rows differ
     expected = ranked(scores_bgk, budget).sort(dim=-1).values
     assert torch.equal(top_per_head(scores_bgk, budget), expected)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(scores=st.lists(st.sampled_from([-float("inf"), -1.0, 0.0, 0.5, 2.0, float("inf")]), min_size=2, max_size=40))
+def test_top_per_head_dropping_one_entry_is_the_stable_ranking_for_all_scores_with_ties(scores):
+    """The one-out path of a per-step eviction (budget = entries - 1) drops the entry the stable sort drops."""
+    scores_bgk = torch.tensor(scores).view(1, 1, -1).expand(2, 3, -1).clone()
+    scores_bgk[1, 2] = scores_bgk[1, 2].flip(-1)
+    budget = len(scores) - 1
+    assert torch.equal(top_per_head(scores_bgk, budget), ranked(scores_bgk, budget).sort(dim=-1).values)

@@ -11,6 +11,7 @@ from torch import nn
 from interp_cache.adapters.base import FamilyAdapter
 from interp_cache.cache.layer import HookedCacheLayer
 from interp_cache.core.attention import AttentionSpec, attend
+from interp_cache.core.received import attend_and_receive, can_attend_and_receive
 from interp_cache.core.context import ForwardContext
 from interp_cache.core.hook_points import BlockHooks, run_hook
 
@@ -70,7 +71,12 @@ class AttentionLayerRunner:
         read = cache_layer.write_and_read(
             k_bpgd.transpose(1, 2), v_bpgd.transpose(1, 2), context, self.hooks.cache, query_bhpd, self.spec
         )
-        z = attend(query_bhpd, read, self.spec, context, attn_hooks, self.force_explicit)
+        received_bhk = None
+        if (cache_layer.wants_received_attention(query_bhpd, read, self.spec, context)
+                and can_attend_and_receive(query_bhpd, read, self.spec, attn_hooks, self.force_explicit)):
+            z, received_bhk = attend_and_receive(query_bhpd, read, self.spec, context, attn_hooks)
+        else:
+            z = attend(query_bhpd, read, self.spec, context, attn_hooks, self.force_explicit)
         if cache_layer.policy is not None:
-            cache_layer.after_attention(query_bhpd, read, self.spec, context, self.hooks.cache)
+            cache_layer.after_attention(query_bhpd, read, self.spec, context, self.hooks.cache, received_bhk)
         return z

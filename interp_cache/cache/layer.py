@@ -38,6 +38,7 @@ class PendingEviction:
     keep_bgn: torch.Tensor | None  # indices into what attention read; -1 pads heads that keep fewer
     running_scores: torch.Tensor | None
     budget: int | None
+    ascending: bool = False  # the policy's own choice (`choose_keep`'s contract), not a hook's
 
 
 class HookedCacheLayer(CacheLayerMixin):
@@ -147,10 +148,11 @@ class HookedCacheLayer(CacheLayerMixin):
         if self.policy is not None:
             self._track_writes(start)
 
-    def _observe(self, query_bhpd, spec, context, keys_bgkd, positions_bgk, entry_scores=None) -> Observation:
+    def _observe(self, query_bhpd, spec, context, keys_bgkd, positions_bgk, has_invisible_slots,
+                 entry_scores=None, received_bhk=None) -> Observation:
         return Observation(
             self.layer_idx, self.num_layers, context, spec, query_bhpd, keys_bgkd, positions_bgk,
-            self.storage.arrangement, entry_scores, self.storage.policy_state,
+            self.storage.arrangement, has_invisible_slots, entry_scores, self.storage.policy_state, received_bhk,
         )
 
     def _track_writes(self, start: int) -> None:
@@ -160,7 +162,7 @@ class HookedCacheLayer(CacheLayerMixin):
     def _select(self, query_bhpd, spec, context, hooks: CacheHooks):
         """`(keys, values, positions, hides_slots)` of a selecting read, or None to read every entry."""
         tail = self.storage.tail_view()
-        obs = self._observe(query_bhpd, spec, context, tail.keys, tail.positions)
+        obs = self._observe(query_bhpd, spec, context, tail.keys, tail.positions, tail.has_padding)
         proposal = self.policy.propose_read(obs)
         if proposal is None:
             return None
@@ -176,11 +178,28 @@ class HookedCacheLayer(CacheLayerMixin):
             return (*self.storage.gather_pages(choice.pages_bgm, choice.page_size, index_bgn.shape[-1]), False)
         return (*self.storage.gather_entries(index_bgn), hides)
 
-    def after_attention(self, query_bhpd, read: CacheRead, spec: AttentionSpec, context, hooks: CacheHooks) -> None:
-        """Let an eviction policy choose what this layer keeps; carried out when the forward completes."""
+    def wants_received_attention(self, query_bhpd, read: CacheRead, spec: AttentionSpec, context) -> bool:
+        """Whether attention should hand this layer's policy the attention each entry received over every query
+        (`interp_cache.core.received`): the policy scores with it and has evicted from this layer before.
+        Until then the layer keeps the uncompressed arithmetic bit for bit -- so a prefill does not depend on
+        the policy (`decoding.replay`) and a budget that covers every entry is the identity -- unless the
+        policy asks otherwise for this forward (`single_pass_forward`)."""
+        policy = self.policy
+        if policy is None or not policy.scores_with_received_attention:
+            return False
+        if self.budget is not None:
+            return True
+        obs = self._observe(query_bhpd, spec, context, read.keys, read.positions, read.has_invisible_slots)
+        return policy.single_pass_forward(obs)
+
+    def after_attention(self, query_bhpd, read: CacheRead, spec: AttentionSpec, context, hooks: CacheHooks,
+                        received_bhk: torch.Tensor | None = None) -> None:
+        """Let an eviction policy choose what this layer keeps; carried out when the forward completes.
+        `received_bhk`: what attention summed for the policy (`wants_received_attention`), if it did."""
         if self.policy is None:
             return
-        obs = self._observe(query_bhpd, spec, context, read.keys, read.positions, self.storage.read_entry_scores())
+        obs = self._observe(query_bhpd, spec, context, read.keys, read.positions, read.has_invisible_slots,
+                            self.storage.read_entry_scores(), received_bhk)
         proposal = self.policy.propose_eviction(obs)
         if proposal is None:
             self.pending = None
@@ -188,10 +207,11 @@ class HookedCacheLayer(CacheLayerMixin):
             self.pending = PendingEviction(None, proposal.running_scores, None)
         else:
             scores = run_hook(hooks.hook_scores, proposal.scores, context, key_positions=read.positions)
-            keep = self.policy.choose_keep(scores, proposal.budget)
-            keep = run_hook(hooks.hook_keep, keep, context, key_positions=read.positions)
-            _check_indices(hooks, keep, read.positions.shape[-1])
-            self.pending = PendingEviction(keep, proposal.running_scores, proposal.budget)
+            chosen = self.policy.choose_keep(scores, proposal.budget)
+            keep = run_hook(hooks.hook_keep, chosen, context, key_positions=read.positions)
+            if keep is not chosen:
+                _check_indices(hooks, keep, read.positions.shape[-1])
+            self.pending = PendingEviction(keep, proposal.running_scores, proposal.budget, keep is chosen)
 
     def apply_pending(self) -> None:
         """Carry out the keep-set the policy chose during the forward that just completed."""
@@ -199,14 +219,16 @@ class HookedCacheLayer(CacheLayerMixin):
         if pending is None:
             return
         if pending.keep_bgn is not None:
-            self.retain(pending.keep_bgn, pending.running_scores)
+            self.retain(pending.keep_bgn, pending.running_scores, pending.ascending)
             self.budget = pending.budget
         elif pending.running_scores is not None:
             self.storage.set_entry_scores(pending.running_scores)
 
-    def retain(self, keep_bgn: torch.Tensor, entry_scores_bgk: torch.Tensor | None = None) -> None:
-        """Keep the entries of `read()` that `keep_bgn` lists per head (-1: none); the policy's state follows."""
-        self.storage.retain(keep_bgn, entry_scores_bgk)
+    def retain(self, keep_bgn: torch.Tensor, entry_scores_bgk: torch.Tensor | None = None,
+               ascending: bool = False) -> None:
+        """Keep the entries of `read()` that `keep_bgn` lists per head (-1: none); the policy's state follows.
+        `ascending`: the indices ascend with any -1 after them, as `choose_keep` returns them."""
+        self.storage.retain(keep_bgn, entry_scores_bgk, ascending)
         if self.policy is not None:
             self._track_writes(0)
 
@@ -248,6 +270,7 @@ class HookedCacheLayer(CacheLayerMixin):
         self.storage = LayerStorage(self.storage.keeps_entry_scores, self.storage.evict_headroom)
         self.logical_length = 0
         self.pending = None
+        self.budget = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)

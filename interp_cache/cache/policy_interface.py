@@ -24,7 +24,8 @@ from typing import Protocol
 import torch
 
 from interp_cache.cache.storage import Arrangement, StoredEntries
-from interp_cache.core.attention import AttentionSpec, received_attention
+from interp_cache.core.attention import AttentionSpec
+from interp_cache.core.received import received_attention
 from interp_cache.core.context import ForwardContext
 
 
@@ -43,8 +44,10 @@ class Observation:
     keys_bgkd: torch.Tensor
     positions_bgk: torch.Tensor
     arrangement: Arrangement
+    has_invisible_slots: bool  # some entry in question is padding or a head-wise hole (position -1)
     entry_scores_bgk: torch.Tensor | None  # the running per-entry scores the cache keeps for the policy (H2O)
     policy_state: Mapping[str, torch.Tensor]  # the policy's own per-layer tensors (Quest's page bounds)
+    received_bhk: torch.Tensor | None = None  # attention's own sum over every real query (`attend_and_receive`)
 
     @property
     def num_entries(self) -> int:
@@ -54,6 +57,8 @@ class Observation:
     def real_entries(self) -> list[int]:
         """Per batch row, the real (non-padding) entries in question, the most any head holds: what budgets and
         windows resolve over, so that they do not depend on a row's batch neighbours."""
+        if not self.has_invisible_slots:  # every entry is real: no count to read back from the tensor
+            return [self.num_entries] * self.positions_bgk.shape[0]
         return (self.positions_bgk >= 0).sum(-1).amax(-1).tolist()
 
     def attention_received(self, last_queries: int | None = None) -> torch.Tensor:
@@ -61,10 +66,12 @@ class Observation:
         queries, averaged over the query heads that share the KV head (GQA)."""
         p = self.context.num_new
         first = 0 if last_queries is None else max(0, p - last_queries)
-        received_bhk = received_attention(
-            self.query_bhpd[:, :, first:], self.keys_bgkd, self.positions_bgk, self.spec,
-            self.context.positions[:, first:], p, ~self.context.is_padding[:, first:], first_query_index=first,
-        )
+        received_bhk = self.received_bhk if first == 0 else None
+        if received_bhk is None:
+            received_bhk = received_attention(
+                self.query_bhpd[:, :, first:], self.keys_bgkd, self.positions_bgk, self.spec,
+                self.context.positions[:, first:], p, ~self.context.is_padding[:, first:], first_query_index=first,
+            )
         b, h, k = received_bhk.shape
         return received_bhk.view(b, self.keys_bgkd.shape[1], -1, k).mean(2)
 
@@ -92,6 +99,7 @@ class CachePolicy(Protocol):
     """What a cache layer calls on its policy (`interp_cache.compress.base.CompressionPolicy` implements it)."""
 
     keeps_entry_scores: bool  # the storage keeps a running score per entry (H2O)
+    scores_with_received_attention: bool  # its decision reads `attention_received()` over every query (H2O)
 
     def storage_headroom(self) -> int | None:
         """Entries the storage keeps room for beyond those kept after an eviction (None: none, shrink)."""
@@ -104,5 +112,7 @@ class CachePolicy(Protocol):
     def choose_read(self, scores: torch.Tensor, obs: Observation) -> ReadChoice: ...
 
     def propose_eviction(self, obs: Observation) -> Proposal | None: ...
+
+    def single_pass_forward(self, obs: Observation) -> bool: ...
 
     def choose_keep(self, scores_bgk: torch.Tensor, budget: int) -> torch.Tensor: ...

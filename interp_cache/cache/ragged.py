@@ -10,6 +10,7 @@ forward (positions -1 in the padding, which the core masks); that view is transi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -46,8 +47,11 @@ class RaggedEntries:
     def max_count(self) -> int:
         return int(self.counts_bg.max()) if self.counts_bg.numel() else 0
 
+    @cached_property
     def _padded_index(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Index `[b*g, max count]` into the flat storage and which of its slots hold an entry."""
+        """Index `[b*g, max count]` into the flat storage and which of its slots hold an entry: built once,
+        since every decode step reads the prefix padded (entries are never changed in place: an edit or an
+        eviction builds a new `RaggedEntries`)."""
         counts = self.counts_bg.reshape(-1)
         starts = counts.cumsum(0) - counts
         slot = torch.arange(self.max_count, device=counts.device)
@@ -58,7 +62,7 @@ class RaggedEntries:
     def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Keys, values `[b, g, m, d]`, positions `[b, g, m]` (-1 in padding slots), scores, m = max count."""
         b, g = self.counts_bg.shape
-        index, present = self._padded_index()
+        index, present = self._padded_index
         m = index.shape[1]
         if self.keys_nd.shape[0] == 0:  # every head empty: nothing to index
             index = index[:, :0]

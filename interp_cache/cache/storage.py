@@ -31,12 +31,13 @@ class Arrangement(Enum):
 
 
 def grown_capacity(capacity: int) -> int:
-    """The capacity after one growth step: 1/32 more (at least 16 entries), in whole multiples of 16 entries
-    so pages of 16 (Quest) tile the storage and can be gathered as blocks. Geometric growth keeps appends
-    amortised O(1) -- each entry is copied about 32 times over a cache's life, a few entries per decode step
-    against the thousands attention reads -- while spare capacity stays within 1/32 of the bytes (16 entries
-    on small caches), so a compressed cache that decodes on holds what it keeps, not half as much again."""
-    grown = capacity + max(CAPACITY_GRANULARITY, capacity // 32)
+    """The capacity after one growth step: 1/32 more (at least one entry), rounded up to a whole multiple of 16
+    entries so pages of 16 (Quest) tile the storage and can be gathered as blocks. Geometric growth keeps
+    appends amortised O(1) -- each entry is copied about 32 times over a cache's life, a few entries per decode
+    step against the thousands attention reads -- while spare capacity stays under 16 entries plus 1/32 of the
+    entries held. Rounding `capacity + 16` instead gave a head that kept 2 entries 30 spare ones (PyramidKV's
+    top layers after the prefill)."""
+    grown = capacity + max(1, capacity // 32)
     return -(-grown // CAPACITY_GRANULARITY) * CAPACITY_GRANULARITY
 
 
@@ -198,37 +199,51 @@ class LayerStorage:
         return buffer
 
     # -- removing and editing entries ----------------------------------------------------------------
-    def retain(self, keep_bgn: torch.Tensor, entry_scores_bgk: torch.Tensor | None = None) -> None:
+    def retain(self, keep_bgn: torch.Tensor, entry_scores_bgk: torch.Tensor | None = None,
+               ascending: bool = False) -> None:
         """Keep, per head, the entries of `read()` whose indices `keep_bgn` lists (-1: none); drop the rest.
+        `ascending`: the indices already ascend with any -1 after them, so they need no sort.
 
         Heads that keep equally many entries stay a uniform tail; unequal counts become a ragged prefix
         holding exactly the kept entries (no padding to the longest head).
         """
-        keys, values, positions = self.read()
-        scores = entry_scores_bgk if entry_scores_bgk is not None else self.read_entry_scores()
-        k = positions.shape[-1]
+        if self.prefix is None:  # entries are rows of the tail storage itself: nothing to assemble first
+            entries = {name: getattr(self, name) for name, _ in self._tail_tensors()}
+        else:
+            keys, values, positions = self.read()
+            entries = {"keys": keys, "values": values, "positions": positions}
+            if self.entry_scores is not None:
+                entries["entry_scores"] = self.read_entry_scores()
+        if entry_scores_bgk is not None:
+            entries["entry_scores"] = entry_scores_bgk.contiguous()
+        k = self.physical_length if self.prefix is None else entries["positions"].shape[-1]
         kept = keep_bgn >= 0
-        # Kept entries first, in stored order, so a head's count is a prefix of its row.
-        order_bgn = torch.where(kept, keep_bgn, k).sort(dim=-1).values
-        kept = order_bgn < k
-        index_bgn = order_bgn.masked_fill(~kept, 0)
-        d_index = index_bgn[..., None]
-        keys = keys.gather(2, d_index.expand(-1, -1, -1, keys.shape[-1]))
-        values = values.gather(2, d_index.expand(-1, -1, -1, values.shape[-1]))
-        positions = positions.gather(2, index_bgn).masked_fill(~kept, PADDING_POSITION)
-        scores = None if scores is None else scores.gather(2, index_bgn)
-        counts = kept.sum(-1)
-        if bool((counts == counts.flatten()[0]).all()):
+        if ascending:
+            index_bgn = keep_bgn.clamp(min=0)
+        else:
+            # Kept entries first, in stored order, so a head's count is a prefix of its row.
+            order_bgn = torch.where(kept, keep_bgn, k).sort(dim=-1).values
+            kept = order_bgn < k
+            index_bgn = order_bgn.masked_fill(~kept, 0)
+        rows_by_stride: dict[int, torch.Tensor] = {}
+        chosen = {name: _rows_of(tensor, index_bgn, rows_by_stride) for name, tensor in entries.items()}
+        if bool(kept.all()):
+            counts_uniform, n = True, keep_bgn.shape[-1]
+        else:
+            chosen["positions"] = chosen["positions"].masked_fill(~kept, PADDING_POSITION)
+            counts = kept.sum(-1)
+            counts_uniform = bool((counts == counts.flatten()[0]).all())
             n = int(counts.flatten()[0]) if counts.numel() else 0
+        if counts_uniform:
             self.prefix = None
             self.arrangement = Arrangement.IRREGULAR
-            new_tail = {"keys": keys[:, :, :n], "values": values[:, :, :n], "positions": positions[:, :, :n]}
-            if scores is not None:
-                new_tail["entry_scores"] = scores[:, :, :n]
-            self._replace_tail(new_tail, n)
+            self._replace_tail({name: tensor[:, :, :n] for name, tensor in chosen.items()}, n)
         else:
             # Padding entries are never visible: a ragged prefix does not keep them.
-            self.prefix = RaggedEntries.from_padded(keys, values, positions, scores, kept & (positions >= 0))
+            self.prefix = RaggedEntries.from_padded(
+                chosen["keys"], chosen["values"], chosen["positions"], chosen.get("entry_scores"),
+                kept & (chosen["positions"] >= 0),
+            )
             self.arrangement = Arrangement.RAGGED
             empty = {name: getattr(self, name)[:, :, :0] for name, _ in self._tail_tensors()}
             self._replace_tail(empty, 0)
@@ -304,3 +319,16 @@ class LayerStorage:
         tensors += list(self.read_buffers.values())
         total = sum(t.numel() * t.element_size() for t in tensors)
         return total + (0 if self.prefix is None else self.prefix.nbytes)
+
+
+def _rows_of(entries_bgk: torch.Tensor, index_bgn: torch.Tensor, rows_by_stride: dict[int, torch.Tensor]):
+    """`entries_bgk[b, g, index_bgn[b, g, n]]` (trailing dims kept) as one row select over the flat storage:
+    `gather` with an index expanded over the feature axis cost 3x as much per decode-step eviction. The flat
+    row numbers are shared by every tensor of the same length (`rows_by_stride`)."""
+    b, g, stride = entries_bgk.shape[:3]
+    rows = rows_by_stride.get(stride)
+    if rows is None:
+        rows_bgn = (torch.arange(b * g, device=index_bgn.device) * stride).view(b, g, 1) + index_bgn
+        rows = rows_by_stride[stride] = rows_bgn.reshape(-1)
+    flat = entries_bgk.reshape(b * g * stride, -1)
+    return flat.index_select(0, rows).view(*index_bgn.shape, *entries_bgk.shape[3:])

@@ -78,6 +78,11 @@ def top_per_head(scores_bgk: torch.Tensor, budget: int) -> torch.Tensor:
     n = scores_bgk.shape[-1]
     if budget >= n:
         return torch.arange(n, device=scores_bgk.device).expand(*scores_bgk.shape[:-1], n).contiguous()
+    if budget == n - 1:
+        # One entry out (a decode step under a per-step rule): the lowest score, of equal ones the newest.
+        dropped_bg1 = (n - 1) - scores_bgk.flip(-1).argmin(-1, keepdim=True)
+        kept = torch.arange(budget, device=scores_bgk.device)
+        return kept + (kept >= dropped_bg1)
     threshold = scores_bgk.topk(budget, dim=-1, sorted=False).values.amin(-1, keepdim=True)
     above = scores_bgk > threshold
     at_threshold = scores_bgk == threshold
@@ -104,6 +109,9 @@ class CompressionPolicy:
     evicts: ClassVar[bool] = False  # True: removes entries (eviction); False: keeps them all (selection, Quest)
     evicts_during_decoding: ClassVar[bool] = False  # False: compresses after multi-token forwards only
     keeps_entry_scores: ClassVar[bool] = False  # True: the cache keeps a running score per entry for it
+    # True: every forward's decision reads `obs.attention_received()` over all queries, which attention then
+    # hands over from its own pass once this policy has evicted (`interp_cache.core.received`).
+    scores_with_received_attention: ClassVar[bool] = False
     wraps: ClassVar[str | None] = None  # the field holding another policy this one builds on (AdaKV: "base")
     spec_name: ClassVar[str | None] = None
 
@@ -150,8 +158,15 @@ class CompressionPolicy:
         """Scores of the entries attention read, with the budget, or None to keep them all."""
         return None
 
+    def single_pass_forward(self, obs: Observation) -> bool:
+        """Asked before attention, on a layer not evicted from yet, by a policy that scores with received
+        attention: whether attention should hand it over from its own pass this forward, at the price of
+        arithmetic that differs from the uncompressed forward's in the last bits (H2O's single_pass_prefill)."""
+        return False
+
     def choose_keep(self, scores_bgk: torch.Tensor, budget: int | torch.Tensor) -> torch.Tensor:
-        """Indices `[b, g, n]` into the entries read (-1 pads heads that keep fewer). `budget`: entries per head,
+        """Indices `[b, g, n]` into the entries read, ascending per head, -1 after them where a head keeps fewer
+        (the cache relies on that order: it does not sort them again). `budget`: entries per head,
         or `[b, g]` per row and head where they differ (ratio budgets over each row's real entries, HeadWise)."""
         if isinstance(budget, torch.Tensor):
             return keep_from_mask(keep_ranked(scores_bgk, budget))

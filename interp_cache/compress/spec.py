@@ -5,7 +5,8 @@
     parse_policy("adakv:base=pyramidkv,budget=64") -> AdaKV(PyramidKV(budget=64))
     parse_policy("quest:budget=0.25,page_size=16") -> Quest(budget=0.25, page_size=16)
 
-Names are those of the policy registry. Values are read as int, then float, else kept as text. A policy
+Names are those of the policy registry. Values are read as `true` / `false`, int, then float, else kept as
+text. A policy
 that builds on another (AdaKV) takes `base=NAME` (default: the base its dataclass defaults to) and its own
 parameters; every other key goes to its base.
 """
@@ -18,6 +19,8 @@ from interp_cache.compress.registry import policy_class
 
 
 def _value(text: str):
+    if text in ("true", "false"):
+        return text == "true"
     for kind in (int, float):
         try:
             return kind(text)

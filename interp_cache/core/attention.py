@@ -13,7 +13,8 @@ entries, those at or before the query's index) and, with a sliding window W, whe
 Two paths compute the same function. The fast path hands everything to
 `scaled_dot_product_attention` and never materialises scores. The explicit path forms scores and
 pattern so `hook_attn_scores` / `hook_pattern` can read or replace them; a layer switches to it for one
-call when either hook is attached (or when the family needs it: attention-logit softcapping).
+call when either hook is attached (or when the family needs it: attention-logit softcapping). What a
+policy scores entries with -- the attention each received -- is `interp_cache.core.received`.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ import torch.nn.functional as F
 
 from interp_cache.core.context import ForwardContext
 from interp_cache.core.hook_points import AttentionHooks, HeadDims, run_hook
-
-_RECEIVED_QUERY_BLOCK = 64  # queries per block when summing received attention: a block's scores stay in cache
 
 
 def kv_to_query_heads(per_kv_head: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -112,10 +111,11 @@ def visibility_mask(
     k = key_positions_bgk.shape[-1]
     p = query_positions_bp.shape[-1]
     visible = (key_positions_bgk >= 0)[:, :, None, :].expand(-1, -1, p, -1)
-    written_before = torch.ones(p, k, dtype=torch.bool, device=key_positions_bgk.device)
-    own = torch.ones(p, num_new, dtype=torch.bool, device=written_before.device)
-    written_before[:, k - num_new :] = own.tril()
-    visible = visible & written_before
+    if p > 1:  # a single query (a decode step) was written after every entry it reads
+        written_before = torch.ones(p, k, dtype=torch.bool, device=key_positions_bgk.device)
+        own = torch.ones(p, num_new, dtype=torch.bool, device=written_before.device)
+        written_before[:, k - num_new :] = own.tril()
+        visible = visible & written_before
     if sliding_window is not None:
         distance = query_positions_bp[:, None, :, None] - key_positions_bgk[:, :, None, :]
         visible = visible & (distance < sliding_window)
@@ -144,62 +144,6 @@ def masked_scores(
     if visible_bhpk is not None:
         scores = scores.masked_fill(~visible_bhpk, torch.finfo(scores.dtype).min)
     return scores
-
-
-def received_attention(
-    query_bhpd: torch.Tensor,
-    keys_bgkd: torch.Tensor,
-    key_positions_bgk: torch.Tensor,
-    spec: AttentionSpec,
-    query_positions_bp: torch.Tensor,
-    num_new: int,
-    query_weights_bp: torch.Tensor,
-    first_query_index: int = 0,
-) -> torch.Tensor:
-    """`[b, h, k]` float32: the attention weights the core gives each entry, summed over the queries with
-    `query_weights_bp` (no hooks): what compression policies score with.
-
-    `query_bhpd` are this forward's queries from index `first_query_index` on; the last `num_new` entries
-    are this forward's own; masks follow the core's rule. Scores are formed in float32 whatever the model
-    dtype. Queries go in blocks of `_RECEIVED_QUERY_BLOCK`, and each block reads only the entries written
-    before its last query, so a prefill forms half the score matrix, and masks touch only what they change:
-    the block's own triangle, padding columns, the window.
-    """
-    b, h, p, d = query_bhpd.shape
-    g, k = keys_bgkd.shape[1], keys_bgkd.shape[2]
-    r = h // g
-    earlier = k - num_new  # entries from earlier forwards: visible to every query but for padding / window
-    minimum = torch.finfo(torch.float32).min
-    # A block of queries is one contiguous [c * r, d] matrix per KV head: one matmul against its keys.
-    query_bgprd = (query_bhpd.float() * spec.scaling).view(b, g, r, p, d).transpose(2, 3).contiguous()
-    keys_bgdk = keys_bgkd.float().transpose(-1, -2)
-    column_bias_bg1rk = None  # ALiBi plus the minimum at padding entries
-    if spec.uses_alibi:
-        column_bias_bg1rk = alibi_bias(spec, key_positions_bgk, torch.float32).view(b, g, 1, r, k)
-    if bool((key_positions_bgk < 0).any()):
-        padding = torch.zeros(key_positions_bgk.shape, device=keys_bgkd.device)
-        padding = padding.masked_fill_(key_positions_bgk < 0, minimum)[:, :, None, None]
-        column_bias_bg1rk = padding if column_bias_bg1rk is None else column_bias_bg1rk + padding
-    total_bg1rk = torch.zeros(b, g, 1, r, k, dtype=torch.float32, device=keys_bgkd.device)
-    for start in range(0, p, _RECEIVED_QUERY_BLOCK):
-        stop = min(p, start + _RECEIVED_QUERY_BLOCK)
-        c, read = stop - start, earlier + first_query_index + stop
-        scores = torch.matmul(query_bgprd[:, :, start:stop].view(b, g, c * r, d), keys_bgdk[..., :read])
-        scores = scores.view(b, g, c, r, read)
-        if spec.softcap is not None:
-            scores = torch.tanh(scores / spec.softcap) * spec.softcap
-        if column_bias_bg1rk is not None:
-            scores += column_bias_bg1rk[..., :read]
-        own_block = torch.ones(c, c, dtype=torch.bool, device=scores.device).triu(1)[:, None, :]
-        scores[..., read - c :].masked_fill_(own_block, minimum)
-        if spec.sliding_window is not None:
-            distance = query_positions_bp[:, None, start:stop, None] - key_positions_bgk[:, :, None, :read]
-            scores.masked_fill_((distance >= spec.sliding_window)[:, :, :, None], minimum)
-        probs_bgcrk = torch.softmax(scores, dim=-1)
-        weights_b11c = query_weights_bp[:, None, None, start:stop].to(torch.float32)
-        received_bg1rk = torch.matmul(weights_b11c, probs_bgcrk.view(b, g, c, r * read)).view(b, g, 1, r, read)
-        total_bg1rk[..., :read] += received_bg1rk
-    return total_bg1rk.view(b, h, k)
 
 
 def _window_reaches_out(context: ForwardContext, key_positions_bgk: torch.Tensor, sliding_window: int | None) -> bool:
