@@ -263,3 +263,35 @@ def test_transformer_lens_habits_run_with_cache_cfg_tokens_text_and_return_type_
     assert text == model.to_string(expected[0])
     with pytest.raises(TypeError, match="takes a string or a non-empty list of strings"):
         model.to_tokens(5)
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom", "gemma2"])
+def test_recorded_scores_are_the_textbook_formula_bit_for_bit(family):
+    """`hook_attn_scores` holds `(q @ k^T) * scaling`, softcapped as `tanh(s / c) * c`, plus the ALiBi bias,
+    bit for bit, wherever an entry is visible: the core forms them in place on the matmul's output (one
+    [b, h, p, k] allocation instead of three), which must not change a value. GQA (llama), ALiBi (bloom),
+    softcapping (gemma2); a left-padded prefill and two decode steps."""
+    model = hooked(family)
+    ids, mask = padded_batch(model)
+    spec = model.runners[0].spec
+    query_name = "blocks.0.attn.hook_rot_q" if "blocks.0.attn.hook_rot_q" in model.hook_dict else "blocks.0.attn.hook_q"
+    names = [query_name, "blocks.0.cache.hook_k_read", "blocks.0.attn.hook_attn_scores"]
+    if spec.uses_alibi:
+        names.append("blocks.0.attn.hook_pos_bias")
+    with model.record(names) as rec:
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    r = spec.num_heads // spec.num_kv_heads
+    for step, scores in enumerate(rec["blocks.0.attn.hook_attn_scores"]):
+        query_bhpd = rec[query_name][step].activation.transpose(1, 2)
+        keys_bgkd = rec["blocks.0.cache.hook_k_read"][step].activation
+        b, h, p, d = query_bhpd.shape
+        g, k = keys_bgkd.shape[1], keys_bgkd.shape[2]
+        expected = torch.matmul(query_bhpd.reshape(b, g, r * p, d), keys_bgkd.transpose(-1, -2)).view(b, h, p, k)
+        expected = expected * spec.scaling
+        if spec.softcap is not None:
+            expected = torch.tanh(expected / spec.softcap) * spec.softcap
+        if spec.uses_alibi:
+            expected = expected + rec["blocks.0.attn.hook_pos_bias"][step].activation
+        visible = scores.activation > torch.finfo(scores.activation.dtype).min
+        assert int(visible.sum()) > 0
+        assert torch.equal(scores.activation[visible], expected[visible]), (family, step)

@@ -136,13 +136,15 @@ def masked_scores(
     # broadcast (copied) to every query head first.
     query_bg_rp_d = query_bhpd.reshape(b, g, (h // g) * p, d)
     scores = torch.matmul(query_bg_rp_d, keys_bgkd.transpose(-1, -2)).view(b, h, p, k)
-    scores = scores * spec.scaling
+    # In place on the matmul's own output: the same values, and a 2048-token prefill allocates (and faults in)
+    # one [b, h, p, k] tensor per layer instead of three.
+    scores.mul_(spec.scaling)
     if spec.softcap is not None:
-        scores = torch.tanh(scores / spec.softcap) * spec.softcap
+        scores.div_(spec.softcap).tanh_().mul_(spec.softcap)
     if bias_bhpk is not None:
-        scores = scores + bias_bhpk
+        scores.add_(bias_bhpk)
     if visible_bhpk is not None:
-        scores = scores.masked_fill(~visible_bhpk, torch.finfo(scores.dtype).min)
+        scores.masked_fill_(~visible_bhpk, torch.finfo(scores.dtype).min)
     return scores
 
 
