@@ -39,7 +39,7 @@ def received_attention(
     are this forward's own; masks follow the core's rule.
     """
     return _blocked(query_bhpd, keys_bgkd, None, key_positions_bgk, spec, query_positions_bp, num_new,
-                    query_weights_bp, first_query_index)[1]
+                    query_weights_bp, first_query_index, may_hide_entries=True)[1]
 
 
 def can_attend_and_receive(query_bhpd: torch.Tensor, read: CacheRead, spec: AttentionSpec, hooks: AttentionHooks,
@@ -64,14 +64,16 @@ def attend_and_receive(
     from one pass over the scores. Only where `can_attend_and_receive`."""
     z_bphd, received_bhk = _blocked(
         query_bhpd, read.keys, read.values, read.positions, spec, context.positions, context.num_new,
-        ~context.is_padding, 0,
+        ~context.is_padding if context.has_padding else None, 0, may_hide_entries=read.has_invisible_slots,
     )
     return run_hook(hooks.hook_z, z_bphd, context), received_bhk
 
 
 def _blocked(query_bhpd, keys_bgkd, values_bgkd, key_positions_bgk, spec, query_positions_bp, num_new,
-             query_weights_bp, first_query_index):
-    """`(z [b, p, h, d] or None without values, received [b, h, k])`, block by block of queries."""
+             query_weights_bp, first_query_index, may_hide_entries):
+    """`(z [b, p, h, d] or None without values, received [b, h, k])`, block by block of queries.
+    `query_weights_bp` None: every query weighs 1. `may_hide_entries` False: no key position is -1 (the read
+    says so), so there is no padding column to look for."""
     b, h, p, d = query_bhpd.shape
     g, k = keys_bgkd.shape[1], keys_bgkd.shape[2]
     r = h // g
@@ -83,7 +85,7 @@ def _blocked(query_bhpd, keys_bgkd, values_bgkd, key_positions_bgk, spec, query_
     column_bias_bg1rk = None  # ALiBi plus the minimum at padding entries
     if spec.uses_alibi:
         column_bias_bg1rk = alibi_bias(spec, key_positions_bgk, torch.float32).view(b, g, 1, r, k)
-    if bool((key_positions_bgk < 0).any()):
+    if may_hide_entries and bool((key_positions_bgk < 0).any()):
         padding = torch.zeros(key_positions_bgk.shape, device=keys_bgkd.device)
         padding = padding.masked_fill_(key_positions_bgk < 0, minimum)[:, :, None, None]
         column_bias_bg1rk = padding if column_bias_bg1rk is None else column_bias_bg1rk + padding
@@ -100,7 +102,11 @@ def _blocked(query_bhpd, keys_bgkd, values_bgkd, key_positions_bgk, spec, query_
             scores_bgrk.masked_fill_(distance >= spec.sliding_window, minimum)
         probs_bgrk = torch.softmax(scores_bgrk, dim=-1)
         z_bphd = None if values_bgkd is None else torch.matmul(probs_bgrk, values_bgkd).view(b, 1, h, -1)
-        return z_bphd, (probs_bgrk * query_weights_bp.view(b, 1, 1, 1)).view(b, h, k)
+        if query_weights_bp is not None:
+            probs_bgrk = probs_bgrk * query_weights_bp.view(b, 1, 1, 1)
+        return z_bphd, probs_bgrk.view(b, h, k)
+    if query_weights_bp is None:  # the same weighted sum as with padding, so both give the same bits
+        query_weights_bp = torch.ones(b, p, dtype=torch.bool, device=keys_bgkd.device)
     total_bg1rk = torch.zeros(b, g, 1, r, k, dtype=torch.float32, device=keys_bgkd.device)
     z_bgprd = None if values_bgkd is None else values_bgkd.new_empty(b, g, p, r, values_bgkd.shape[-1])
     for start in range(0, p, _QUERY_BLOCK):
