@@ -105,7 +105,10 @@ def memory(prompt_lengths: list[int], keeps: list[int], decode_steps: int) -> Se
     return section
 
 
-def _decode_seconds_interleaved(model, policies_by_name, prompts_by_name, new_tokens, repeats, chunk=16):
+DECODE_TURN = 16  # decode steps a variant runs before the next takes its turn
+
+
+def _decode_seconds_interleaved(model, policies_by_name, prompts_by_name, new_tokens, repeats, chunk=DECODE_TURN):
     """Per variant, `repeats` totals of `new_tokens` greedy decode steps (prefill excluded). Within a round the
     variants take turns every `chunk` steps, so a burst of load on a shared machine slows all of them alike
     instead of whichever whole loop it lands in (whole-loop turns had two policies with identical decode
@@ -145,8 +148,8 @@ def speed(tokens: int, keep: int, new_tokens: int, repeats: int, kvpress_ratios:
     section = Section(
         f"Eviction decode speed: {tokens}-token prompt, keep 1/{keep}, {new_tokens} greedy steps",
         f"{SHAPE_TEXT}; batch 1; the decode loop only (prefill excluded), min / median / max ms per step over "
-        f"{repeats} rounds, the variants taking turns every 16 steps within a round; speed-up = no-compression time / this time (min). Target: > 1 for every "
-        "policy, >= 1.2 (kvpress's ratio in the issue's run) for SnapKV and StreamingLLM. The bound row decodes "
+        f"{repeats} rounds, the variants taking turns every {DECODE_TURN} steps within a round; speed-up = "
+        "no-compression time / this time (min). Target: > 1 for every policy, >= 1.2 (kvpress's ratio in the issue's run) for SnapKV and StreamingLLM. The bound row decodes "
         f"without compression from a {budget}-token prompt: attention reads 1/{keep} of the entries and nothing is "
         "evicted, which is as fast as a policy keeping that much can be on this model.",
         ["policy", "ms per step", "speed-up", "kvpress speed-up"],

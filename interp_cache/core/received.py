@@ -89,18 +89,11 @@ def _blocked(query_bhpd, keys_bgkd, values_bgkd, key_positions_bgk, spec, query_
         padding = torch.zeros(key_positions_bgk.shape, device=keys_bgkd.device)
         padding = padding.masked_fill_(key_positions_bgk < 0, minimum)[:, :, None, None]
         column_bias_bg1rk = padding if column_bias_bg1rk is None else column_bias_bg1rk + padding
+    block = (query_bgprd, keys_bgdk, column_bias_bg1rk, key_positions_bgk, query_positions_bp, spec)
     if p == 1 and earlier + first_query_index + 1 == k:
-        # A decode step: one query reading every entry -- no block, no triangle, nothing to sum (H2O's every
-        # step, where the blocked form cost more than the attention it scores).
-        scores_bgrk = torch.matmul(query_bgprd.view(b, g, r, d), keys_bgdk)
-        if spec.softcap is not None:
-            scores_bgrk = torch.tanh(scores_bgrk / spec.softcap) * spec.softcap
-        if column_bias_bg1rk is not None:
-            scores_bgrk += column_bias_bg1rk[:, :, 0]
-        if spec.sliding_window is not None:
-            distance = query_positions_bp[:, None, :, None] - key_positions_bgk[:, :, None, :]
-            scores_bgrk.masked_fill_(distance >= spec.sliding_window, minimum)
-        probs_bgrk = torch.softmax(scores_bgrk, dim=-1)
+        # A decode step: one query reading every entry -- nothing to sum, no total to keep (H2O's every step,
+        # where the blocked form cost more than the attention it scores).
+        probs_bgrk = _block_weights(*block, 0, 1, k).view(b, g, r, k)
         z_bphd = None if values_bgkd is None else torch.matmul(probs_bgrk, values_bgkd).view(b, 1, h, -1)
         if query_weights_bp is not None:
             probs_bgrk = probs_bgrk * query_weights_bp.view(b, 1, 1, 1)
@@ -112,18 +105,7 @@ def _blocked(query_bhpd, keys_bgkd, values_bgkd, key_positions_bgk, spec, query_
     for start in range(0, p, _QUERY_BLOCK):
         stop = min(p, start + _QUERY_BLOCK)
         c, read = stop - start, earlier + first_query_index + stop
-        scores = torch.matmul(query_bgprd[:, :, start:stop].view(b, g, c * r, d), keys_bgdk[..., :read])
-        scores = scores.view(b, g, c, r, read)
-        if spec.softcap is not None:
-            scores = torch.tanh(scores / spec.softcap) * spec.softcap
-        if column_bias_bg1rk is not None:
-            scores += column_bias_bg1rk[..., :read]
-        own_block = torch.ones(c, c, dtype=torch.bool, device=scores.device).triu(1)[:, None, :]
-        scores[..., read - c :].masked_fill_(own_block, minimum)
-        if spec.sliding_window is not None:
-            distance = query_positions_bp[:, None, start:stop, None] - key_positions_bgk[:, :, None, :read]
-            scores.masked_fill_((distance >= spec.sliding_window)[:, :, :, None], minimum)
-        probs_bgcrk = torch.softmax(scores, dim=-1)
+        probs_bgcrk = _block_weights(*block, start, stop, read)
         if z_bgprd is not None:
             mixed = torch.matmul(probs_bgcrk.view(b, g, c * r, read), values_bgkd[:, :, :read])
             z_bgprd[:, :, start:stop] = mixed.view(b, g, c, r, -1)
@@ -132,3 +114,25 @@ def _blocked(query_bhpd, keys_bgkd, values_bgkd, key_positions_bgk, spec, query_
         total_bg1rk[..., :read] += received_bg1rk
     z_bphd = None if z_bgprd is None else z_bgprd.permute(0, 2, 1, 3, 4).reshape(b, p, h, -1)
     return z_bphd, total_bg1rk.view(b, h, k)
+
+
+def _block_weights(query_bgprd, keys_bgdk, column_bias_bg1rk, key_positions_bgk, query_positions_bp, spec,
+                   start: int, stop: int, read: int) -> torch.Tensor:
+    """Attention weights `[b, g, c, r, read]` of queries `start:stop` over the first `read` entries, the last
+    `c` of which are the block's own: the core's masking rule, in float32."""
+    b, g, _, r, d = query_bgprd.shape
+    c = stop - start
+    minimum = torch.finfo(torch.float32).min
+    scores = torch.matmul(query_bgprd[:, :, start:stop].view(b, g, c * r, d), keys_bgdk[..., :read])
+    scores = scores.view(b, g, c, r, read)
+    if spec.softcap is not None:
+        scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    if column_bias_bg1rk is not None:
+        scores += column_bias_bg1rk[..., :read]
+    if c > 1:  # a later query's own entry is hidden from an earlier one
+        own_block = torch.ones(c, c, dtype=torch.bool, device=scores.device).triu(1)[:, None, :]
+        scores[..., read - c :].masked_fill_(own_block, minimum)
+    if spec.sliding_window is not None:
+        distance = query_positions_bp[:, None, start:stop, None] - key_positions_bgk[:, :, None, :read]
+        scores.masked_fill_((distance >= spec.sliding_window)[:, :, :, None], minimum)
+    return torch.softmax(scores, dim=-1)
