@@ -49,29 +49,31 @@ class RaggedEntries:
 
     @cached_property
     def _padded_index(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Index `[b*g, max count]` into the flat storage and which of its slots hold an entry: built once,
-        since every decode step reads the prefix padded (entries are never changed in place: an edit or an
-        eviction builds a new `RaggedEntries`)."""
+        """Flat index `[b*g*m]` into the storage (m = max count) and the padding slots `[b*g, m]` it fills with
+        entry 0: built once, since every decode step reads the prefix padded (entries are never changed in
+        place: an edit or an eviction builds a new `RaggedEntries`)."""
         counts = self.counts_bg.reshape(-1)
         starts = counts.cumsum(0) - counts
         slot = torch.arange(self.max_count, device=counts.device)
-        present = slot[None, :] < counts[:, None]
-        index = (starts[:, None] + slot[None, :]).masked_fill(~present, 0)
-        return index, present
+        absent = slot[None, :] >= counts[:, None]
+        index = (starts[:, None] + slot[None, :]).masked_fill(absent, 0)
+        if self.keys_nd.shape[0] == 0:  # every head empty: nothing to index
+            index, absent = index[:, :0], absent[:, :0]
+        return index.reshape(-1), absent
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Keys, values `[b, g, m, d]`, positions `[b, g, m]` (-1 in padding slots), scores, m = max count."""
         b, g = self.counts_bg.shape
-        index, present = self._padded_index
-        m = index.shape[1]
-        if self.keys_nd.shape[0] == 0:  # every head empty: nothing to index
-            index = index[:, :0]
-            m = 0
-        keys = self.keys_nd[index].view(b, g, m, -1)
-        values = self.values_nd[index].view(b, g, m, -1)
-        positions = self.positions_n[index].masked_fill(~present[:, :m], PADDING_POSITION).view(b, g, m)
-        scores = None if self.scores_n is None else self.scores_n[index].masked_fill(~present[:, :m], 0).view(b, g, m)
-        return keys, values, positions, scores
+        index, absent = self._padded_index
+        m = absent.shape[1]
+        # `index_select` on a flat index: a [b*g, m] advanced index took 4x as long per decode step.
+        keys = self.keys_nd.index_select(0, index).view(b, g, m, -1)
+        values = self.values_nd.index_select(0, index).view(b, g, m, -1)
+        positions = self.positions_n.index_select(0, index).view(b * g, m).masked_fill(absent, PADDING_POSITION)
+        scores = None
+        if self.scores_n is not None:
+            scores = self.scores_n.index_select(0, index).view(b * g, m).masked_fill(absent, 0).view(b, g, m)
+        return keys, values, positions.view(b, g, m), scores
 
     def batch_select(self, indices: torch.Tensor) -> RaggedEntries:
         keys, values, positions, scores = self.padded()

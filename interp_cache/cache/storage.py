@@ -16,6 +16,7 @@ from enum import Enum
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from interp_cache.cache.ragged import RaggedEntries
 from interp_cache.cache.stored_rows import StoredRows
@@ -54,9 +55,9 @@ class LayerStorage:
         self.keeps_entry_scores = keeps_entry_scores
         # An eviction leaves storage for the entries kept plus `evict_headroom` more: a policy that evicts
         # while decoding (H2O, StreamingLLM) holds up to its slack beyond the budget plus the step being
-        # written, and that storage is then reused step after step, never reallocated. None (one-shot
-        # compression after the prefill): storage shrinks to exactly the entries kept. Either way the
-        # bytes sized at the prefill are released.
+        # written, so it never grows between evictions; each eviction selects the kept entries straight into
+        # new storage of that size. None (one-shot compression after the prefill): storage shrinks to
+        # exactly the entries kept. Either way the bytes sized at the prefill are released.
         self.evict_headroom = evict_headroom
         self.keys: torch.Tensor | None = None  # [b, g, capacity, d]
         self.values: torch.Tensor | None = None
@@ -217,51 +218,52 @@ class LayerStorage:
         if entry_scores_bgk is not None:
             entries["entry_scores"] = entry_scores_bgk.contiguous()
         k = self.physical_length if self.prefix is None else entries["positions"].shape[-1]
-        kept = keep_bgn >= 0
         if ascending:
-            index_bgn = keep_bgn.clamp(min=0)
+            index_bgn, kept = keep_bgn, keep_bgn >= 0
         else:
             # Kept entries first, in stored order, so a head's count is a prefix of its row.
-            order_bgn = torch.where(kept, keep_bgn, k).sort(dim=-1).values
+            order_bgn = torch.where(keep_bgn >= 0, keep_bgn, k).sort(dim=-1).values
             kept = order_bgn < k
             index_bgn = order_bgn.masked_fill(~kept, 0)
-        rows_by_stride: dict[int, torch.Tensor] = {}
-        chosen = {name: _rows_of(tensor, index_bgn, rows_by_stride) for name, tensor in entries.items()}
         if bool(kept.all()):
             counts_uniform, n = True, keep_bgn.shape[-1]
         else:
-            chosen["positions"] = chosen["positions"].masked_fill(~kept, PADDING_POSITION)
             counts = kept.sum(-1)
             counts_uniform = bool((counts == counts.flatten()[0]).all())
             n = int(counts.flatten()[0]) if counts.numel() else 0
         if counts_uniform:
             self.prefix = None
             self.arrangement = Arrangement.IRREGULAR
-            self._replace_tail({name: tensor[:, :, :n] for name, tensor in chosen.items()}, n)
-        else:
-            # Padding entries are never visible: a ragged prefix does not keep them.
-            self.prefix = RaggedEntries.from_padded(
-                chosen["keys"], chosen["values"], chosen["positions"], chosen.get("entry_scores"),
-                kept & (chosen["positions"] >= 0),
-            )
-            self.arrangement = Arrangement.RAGGED
-            empty = {name: getattr(self, name)[:, :, :0] for name, _ in self._tail_tensors()}
-            self._replace_tail(empty, 0)
+            self._compact_tail(entries, index_bgn[:, :, :n])
+            return
+        # Padding entries are never visible: a ragged prefix does not keep them.
+        rows_by_stride: dict[int, torch.Tensor] = {}
+        chosen = {name: _rows_of(tensor, index_bgn.clamp(min=0), rows_by_stride) for name, tensor in entries.items()}
+        positions = chosen["positions"].masked_fill(~kept, PADDING_POSITION)
+        self.prefix = RaggedEntries.from_padded(
+            chosen["keys"], chosen["values"], positions, chosen.get("entry_scores"), kept & (positions >= 0),
+        )
+        self.arrangement = Arrangement.RAGGED
+        self._compact_tail({name: tensor[:, :, :0] for name, tensor in entries.items()}, index_bgn[:, :, :0])
 
-    def _replace_tail(self, tensors: dict[str, torch.Tensor], n: int) -> None:
-        wanted = n if self.evict_headroom is None else n + self.evict_headroom
-        if self.evict_headroom is not None and wanted <= self.capacity <= grown_capacity(wanted):
-            for name, value in tensors.items():
-                getattr(self, name)[:, :, :n] = value
+    def _compact_tail(self, entries: dict[str, torch.Tensor], index_bgn: torch.Tensor) -> None:
+        """New tail tensors holding `entries[b, g, index_bgn]` and room for `evict_headroom` more (none for a
+        one-shot compression): each is one row select straight into its new storage -- selecting the kept rows
+        and then copying them into the old storage cost a decode-step eviction a second copy per tensor."""
+        n = index_bgn.shape[-1]
+        spare = 0 if self.evict_headroom is None else self.evict_headroom
+        if n == 0:  # nothing to select from (every entry went to a ragged prefix)
+            for name, tensor in entries.items():
+                setattr(self, name, tensor.new_empty((*tensor.shape[:2], spare, *tensor.shape[3:])))
         else:
-            for name, value in tensors.items():
-                shape = list(value.shape)
-                shape[2] = wanted
-                storage = value.new_empty(shape)
-                storage[:, :, :n] = value
-                setattr(self, name, storage)
+            # Spare slots take a copy of each head's first row: never read, as their positions mark them padding.
+            index_bgn = F.pad(index_bgn, (0, spare)) if spare else index_bgn
+            rows_by_stride: dict[int, torch.Tensor] = {}
+            for name, tensor in entries.items():
+                setattr(self, name, _rows_of(tensor, index_bgn, rows_by_stride))
         self.physical_length = n
-        self.positions[:, :, n:] = PADDING_POSITION
+        if spare:
+            self.positions[:, :, n:] = PADDING_POSITION
 
     def overwrite(self, keys_bgkd: torch.Tensor, values_bgkd: torch.Tensor, positions_bgk: torch.Tensor) -> None:
         """Replace the stored entries with an edited copy of `read()` (same shapes): cache patching.
@@ -328,7 +330,7 @@ def _rows_of(entries_bgk: torch.Tensor, index_bgn: torch.Tensor, rows_by_stride:
     b, g, stride = entries_bgk.shape[:3]
     rows = rows_by_stride.get(stride)
     if rows is None:
-        rows_bgn = (torch.arange(b * g, device=index_bgn.device) * stride).view(b, g, 1) + index_bgn
+        rows_bgn = torch.arange(0, b * g * stride, stride, device=index_bgn.device).view(b, g, 1) + index_bgn
         rows = rows_by_stride[stride] = rows_bgn.reshape(-1)
     flat = entries_bgk.reshape(b * g * stride, -1)
     return flat.index_select(0, rows).view(*index_bgn.shape, *entries_bgk.shape[3:])

@@ -80,9 +80,10 @@ def top_per_head(scores_bgk: torch.Tensor, budget: int) -> torch.Tensor:
         return torch.arange(n, device=scores_bgk.device).expand(*scores_bgk.shape[:-1], n).contiguous()
     if budget == n - 1:
         # One entry out (a decode step under a per-step rule): the lowest score, of equal ones the newest.
-        dropped_bg1 = (n - 1) - scores_bgk.flip(-1).argmin(-1, keepdim=True)
+        # Index `budget - from_end` is dropped: slots from there on keep the entry one further on.
+        from_end_bg1 = scores_bgk.flip(-1).argmin(-1, keepdim=True)
         kept = torch.arange(budget, device=scores_bgk.device)
-        return kept + (kept >= dropped_bg1)
+        return kept + (kept + from_end_bg1 >= budget)
     threshold = scores_bgk.topk(budget, dim=-1, sorted=False).values.amin(-1, keepdim=True)
     above = scores_bgk > threshold
     at_threshold = scores_bgk == threshold
@@ -198,7 +199,9 @@ class EvictionPolicy(CompressionPolicy):
         budget = self.row_budgets(obs)
         if budget is None:
             return None if running is None else Proposal(None, running_scores=running)
-        scores = self.scores(obs, running).masked_fill(obs.positions_bgk < 0, -math.inf)
+        scores = self.scores(obs, running)
+        if obs.has_invisible_slots:  # padding (position -1) is never kept, whatever a policy scores it
+            scores = scores.masked_fill(obs.positions_bgk < 0, -math.inf)
         return Proposal(scores, budget, running)
 
     def row_budgets(self, obs: Observation) -> int | torch.Tensor | None:

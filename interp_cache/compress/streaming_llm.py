@@ -40,6 +40,5 @@ class StreamingLLM(EvictionPolicy, name="streamingllm"):
         return self.sink + self.window
 
     def scores(self, obs: Observation, running_bgk):
-        positions = obs.positions_bgk
-        recency = positions.float()
-        return recency.masked_fill((positions >= 0) & (positions < self.sink), math.inf)
+        positions = obs.positions_bgk  # padding (-1) is scored here too; the caller masks it out
+        return positions.float().masked_fill(positions < self.sink, math.inf)
