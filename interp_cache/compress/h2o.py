@@ -8,7 +8,7 @@ blocks (the scores keep accumulating on every step either way).
 
 Once a layer has evicted, attention hands each forward's received attention over from its own pass
 (`interp_cache.core.received`) instead of forming the weights a second time. `single_pass_prefill=True` does
-so in the evicting prefill too: 1.2-1.35x a plain prefill's time instead of 1.6x (2048 tokens, benchmarks/),
+so in the evicting prefill too: 1.2-1.35x a plain prefill's time instead of 1.55-1.65x (2048 tokens, benchmarks/),
 but that prefill's output then differs from an uncompressed prefill's in the last bits, so a prefill under H2O
 is no longer the uncompressed one and `decoding.replay` does not reproduce it bit for bit. Off by default.
 """
