@@ -340,6 +340,28 @@ def test_hook_keep_overwrites_the_keep_set_and_hook_scores_sees_the_scores_mistr
     assert torch.isinf(scores[..., -2:]).all()  # the observation window is protected
 
 
+def test_hook_scores_edited_in_place_leaves_h2o_running_scores_alone_llama():
+    """H2O with recent=0 scores with its running sums themselves: the hook must get its own tensor. A uniform
+    in-place shift keeps every choice, so the running scores stored must be those of an unhooked run."""
+    model = hooked("llama")
+    ids = model.to_tokens(LONG_PROMPTS[0])
+
+    def shift(scores_bgk, hook):
+        scores_bgk += 100.0
+
+    def running_scores(fwd_hooks):
+        stepper = Stepper(model, compress=H2O(heavy=6, recent=0))
+        with model.hooks(fwd_hooks=fwd_hooks):
+            token = stepper.prefill(ids)[:, -1].argmax(-1)
+            for _ in range(3):
+                token = stepper.step(token).argmax(-1)
+        return [layer.storage.read_entry_scores() for layer in stepper.cache.layers]
+
+    hooked_scores = running_scores([(f"blocks.{i}.cache.hook_scores", shift) for i in range(model.num_layers)])
+    for with_hook, without in zip(hooked_scores, running_scores([])):
+        assert torch.equal(with_hook, without)
+
+
 def test_adakv_cache_bytes_fall_with_the_budget_llama():
     """Memory target: AdaKV at budget B on an L-token prompt holds <= (B / L) * full + 5% tensor bytes."""
     model = hooked("llama")

@@ -202,6 +202,8 @@ class EvictionPolicy(CompressionPolicy):
         scores = self.scores(obs, running)
         if obs.has_invisible_slots:  # padding (position -1) is never kept, whatever a policy scores it
             scores = scores.masked_fill(obs.positions_bgk < 0, -math.inf)
+        elif scores is running:  # H2O with recent=0: a hook editing the scores in place must not edit the state
+            scores = scores.clone()
         return Proposal(scores, budget, running)
 
     def row_budgets(self, obs: Observation) -> int | torch.Tensor | None:
