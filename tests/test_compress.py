@@ -340,6 +340,42 @@ def test_hook_keep_overwrites_the_keep_set_and_hook_scores_sees_the_scores_mistr
     assert torch.isinf(scores[..., -2:]).all()  # the observation window is protected
 
 
+def test_hook_keep_edited_in_place_is_checked_and_carried_out_like_a_returned_one_llama():
+    """An in-place edit returns the policy's own tensor: it must still be range-checked (eviction), sorted
+    into stored order (eviction) and read as edited (Quest's page gather would otherwise ignore it)."""
+    model = hooked("llama")
+    ids = model.to_tokens(LONG_PROMPTS[0])
+
+    def out_of_range(keep_bgn, hook):
+        keep_bgn[..., 0] = 10_000
+
+    with model.hooks(fwd_hooks=[("blocks.0.cache.hook_keep", out_of_range)]):
+        with pytest.raises(ValueError, match=r"hook_keep: indices must be in \[0, "):
+            Stepper(model, compress=SnapKV(budget=8, window=2, kernel=3)).prefill(ids)
+
+    def reverse(keep_bgn, hook):
+        keep_bgn.copy_(keep_bgn.flip(-1))
+
+    stepper = Stepper(model, compress=SnapKV(budget=8, window=2, kernel=3))
+    with model.hooks(fwd_hooks=[("blocks.0.cache.hook_keep", reverse)]):
+        stepper.prefill(ids)
+    positions = stepper.cache.layers[0].read()[2]
+    assert torch.equal(positions, positions.sort(-1).values)  # kept in stored (ascending) order
+
+    def first_entries(keep_bgn, hook):
+        keep_bgn.copy_(torch.arange(keep_bgn.shape[-1]).expand_as(keep_bgn))
+
+    quest = Stepper(model, compress=Quest(budget=8, page_size=4, dense_layers=1))
+    token = quest.prefill(ids)[:, -1].argmax(-1)
+    read = {}
+    hooks = [("blocks.1.cache.hook_keep", first_entries),
+             ("blocks.1.cache.hook_positions", lambda positions, hook: read.update(positions=positions.clone()))]
+    with model.hooks(fwd_hooks=hooks):
+        quest.step(token)
+    b, g, n = read["positions"].shape
+    assert torch.equal(read["positions"], torch.arange(n).expand(b, g, n))
+
+
 def test_hook_scores_edited_in_place_leaves_h2o_running_scores_alone_llama():
     """H2O with recent=0 scores with its running sums themselves: the hook must get its own tensor. A uniform
     in-place shift keeps every choice, so the running scores stored must be those of an unhooked run."""

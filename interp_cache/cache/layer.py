@@ -28,7 +28,7 @@ from interp_cache.cache.policy_interface import CachePolicy, Observation
 from interp_cache.cache.storage import Arrangement, LayerStorage
 from interp_cache.core.attention import AttentionSpec, CacheRead
 from interp_cache.core.context import ForwardContext
-from interp_cache.core.hook_points import CacheHooks, run_hook
+from interp_cache.core.hook_points import CacheHooks, run_hook, tensor_version
 
 
 @dataclass(frozen=True)
@@ -168,12 +168,9 @@ class HookedCacheLayer(CacheLayerMixin):
             return None
         scores = run_hook(hooks.hook_scores, proposal.scores, context)
         choice = self.policy.choose_read(scores, obs)
-        index_bgn = run_hook(hooks.hook_keep, choice.index_bgn, context)
-        n = self.storage.physical_length
-        if index_bgn is not choice.index_bgn:
-            _check_indices(hooks, index_bgn, n)
+        index_bgn, patched = _keep_hook(hooks, choice.index_bgn, context, self.storage.physical_length)
         hides = bool((index_bgn < 0).any())
-        if (index_bgn is choice.index_bgn and not hides and choice.pages_bgm is not None
+        if (not patched and not hides and choice.pages_bgm is not None
                 and self.storage.tiles_pages(choice.page_size)):
             return (*self.storage.gather_pages(choice.pages_bgm, choice.page_size, index_bgn.shape[-1]), False)
         return (*self.storage.gather_entries(index_bgn), hides)
@@ -208,10 +205,8 @@ class HookedCacheLayer(CacheLayerMixin):
         else:
             scores = run_hook(hooks.hook_scores, proposal.scores, context, key_positions=read.positions)
             chosen = self.policy.choose_keep(scores, proposal.budget)
-            keep = run_hook(hooks.hook_keep, chosen, context, key_positions=read.positions)
-            if keep is not chosen:
-                _check_indices(hooks, keep, read.positions.shape[-1])
-            self.pending = PendingEviction(keep, proposal.running_scores, proposal.budget, keep is chosen)
+            keep, patched = _keep_hook(hooks, chosen, context, read.positions.shape[-1], read.positions)
+            self.pending = PendingEviction(keep, proposal.running_scores, proposal.budget, not patched)
 
     def apply_pending(self) -> None:
         """Carry out the keep-set the policy chose during the forward that just completed."""
@@ -293,6 +288,20 @@ class HookedCacheLayer(CacheLayerMixin):
                 "token slots are no longer all stored; fork() the cache before the step you want to return to"
             )
         self.truncate(self.physical_length - removed, self.logical_length - removed)
+
+
+def _keep_hook(hooks: CacheHooks, chosen_bgn: torch.Tensor, context: ForwardContext, num_entries: int,
+               key_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+    """`(indices, patched)` after `hook_keep`. A patched choice -- returned or edited in place -- is checked
+    against the entries in question; the policy's own is trusted (its order included: `choose_keep`)."""
+    if not hooks.hook_keep.is_hooked():
+        return chosen_bgn, False
+    version = tensor_version(chosen_bgn)
+    keep_bgn = run_hook(hooks.hook_keep, chosen_bgn, context, key_positions=key_positions)
+    patched = keep_bgn is not chosen_bgn or version is None or tensor_version(keep_bgn) != version
+    if patched:
+        _check_indices(hooks, keep_bgn, num_entries)
+    return keep_bgn, patched
 
 
 def _check_indices(hooks: CacheHooks, index_bgn: torch.Tensor, num_entries: int) -> None:
