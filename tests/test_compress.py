@@ -376,6 +376,25 @@ def test_hook_keep_edited_in_place_is_checked_and_carried_out_like_a_returned_on
     assert torch.equal(read["positions"], torch.arange(n).expand(b, g, n))
 
 
+def test_hook_v_read_edited_in_place_on_a_quest_read_patches_like_a_returned_tensor_llama():
+    """A Quest decode step mixes values from storage; a hook editing the copy it was shown must still count."""
+    model = hooked("llama")
+    ids = model.to_tokens(LONG_PROMPTS[0])
+
+    def step_logits(hook_fn):
+        stepper = Stepper(model, compress=Quest(budget=8, page_size=4, dense_layers=1))
+        token = stepper.prefill(ids)[:, -1].argmax(-1)
+        with model.hooks(fwd_hooks=[] if hook_fn is None else [("blocks.1.cache.hook_v_read", hook_fn)]):
+            return stepper.step(token)
+
+    def zero_in_place(values, hook):
+        values.zero_()
+
+    in_place = step_logits(zero_in_place)
+    assert torch.equal(in_place, step_logits(lambda values, hook: torch.zeros_like(values)))
+    assert not torch.equal(in_place, step_logits(None))
+
+
 def test_hook_scores_edited_in_place_leaves_h2o_running_scores_alone_llama():
     """H2O with recent=0 scores with its running sums themselves: the hook must get its own tensor. A uniform
     in-place shift keeps every choice, so the running scores stored must be those of an unhooked run."""

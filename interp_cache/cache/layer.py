@@ -129,11 +129,13 @@ class HookedCacheLayer(CacheLayerMixin):
             shared, hidden = False, True  # a patched position can hide an entry or differ between heads
         keys = run_hook(hooks.hook_k_read, keys, context, key_positions=positions)
         if hooks.hook_v_read.is_hooked() and not isinstance(values, torch.Tensor):
-            # The hook sees the values; attention mixes them from storage unless the hook replaced them,
+            # The hook sees the values; attention mixes them from storage unless the hook replaced or edited them,
             # so a hook that only reads (or patches another step) leaves the arithmetic bit for bit alone.
             materialized = values.materialize()
+            version = tensor_version(materialized)
             patched = run_hook(hooks.hook_v_read, materialized, context, key_positions=positions)
-            values = values if patched is materialized else patched
+            edited = patched is not materialized or version is None or tensor_version(patched) != version
+            values = patched if edited else values
         else:
             values = run_hook(hooks.hook_v_read, values, context, key_positions=positions)
         return CacheRead(keys, values, positions, shared, storage.has_padding or hidden)
