@@ -126,3 +126,25 @@ def test_a_cache_filled_with_gradients_enabled_forks_and_stays_differentiable_gp
     keys.sum().backward()
     assert next(model.hf_model.parameters()).grad is not None
     model.hf_model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", ["hook_k_read", "hook_v_read", "hook_positions"])
+def test_a_read_hook_editing_the_stored_entries_in_place_is_refused_llama(name):
+    """A read of the uniform tail is a view of storage: an in-place edit would outlive this forward."""
+    model = hooked("llama")
+    stepper, token, _, _ = prefilled(model)
+
+    def edit_in_place(read, hook):
+        read.mul_(2)
+
+    with model.hooks(fwd_hooks=[(f"blocks.0.cache.{name}", edit_in_place)]):
+        with pytest.raises(ValueError, match=rf"blocks.0.cache.{name}: the hook edited the cache's stored entries "
+                                             r"in place .* return an edited copy .* cache.replace_entries\(\)"):
+            stepper.step(token)
+    doubled = lambda read, hook: read * 2  # the same edit, returned: this forward only
+    fresh, token, _, _ = prefilled(model)
+    before = [tensor.clone() for tensor in fresh.cache.layers[0].read()]
+    with model.hooks(fwd_hooks=[(f"blocks.0.cache.{name}", doubled)]):
+        fresh.step(token)
+    k = before[2].shape[-1]
+    assert all(torch.equal(old, new[:, :, :k]) for old, new in zip(before, fresh.cache.layers[0].read()))

@@ -28,7 +28,7 @@ from interp_cache.cache.policy_interface import CachePolicy, Observation
 from interp_cache.cache.storage import Arrangement, LayerStorage
 from interp_cache.core.attention import AttentionSpec, CacheRead
 from interp_cache.core.context import ForwardContext
-from interp_cache.core.hook_points import CacheHooks, run_hook, tensor_version
+from interp_cache.core.hook_points import CacheHooks, CachedDecodingHookPoint, run_hook, tensor_version
 
 
 @dataclass(frozen=True)
@@ -119,15 +119,17 @@ class HookedCacheLayer(CacheLayerMixin):
         selection = None
         if self.policy is not None:
             selection = self._select(query_bhpd, spec, context, hooks)
+        # A read of the uniform tail is a view of the stored entries; a ragged or selecting read is a copy.
+        views_storage = selection is None and storage.prefix is None
         if selection is None:
             keys, values, positions = storage.read()
         else:
             keys, values, positions, selection_hides = selection
             shared, hidden = False, hidden or selection_hides
         if hooks.hook_positions.is_hooked():
-            positions = run_hook(hooks.hook_positions, positions, context, key_positions=positions)
+            positions = _read_hook(hooks.hook_positions, positions, context, positions, views_storage)
             shared, hidden = False, True  # a patched position can hide an entry or differ between heads
-        keys = run_hook(hooks.hook_k_read, keys, context, key_positions=positions)
+        keys = _read_hook(hooks.hook_k_read, keys, context, positions, views_storage)
         if hooks.hook_v_read.is_hooked() and not isinstance(values, torch.Tensor):
             # The hook sees the values; attention mixes them from storage unless the hook replaced or edited them,
             # so a hook that only reads (or patches another step) leaves the arithmetic bit for bit alone.
@@ -137,7 +139,7 @@ class HookedCacheLayer(CacheLayerMixin):
             edited = patched is not materialized or version is None or tensor_version(patched) != version
             values = patched if edited else values
         else:
-            values = run_hook(hooks.hook_v_read, values, context, key_positions=positions)
+            values = _read_hook(hooks.hook_v_read, values, context, positions, views_storage)
         return CacheRead(keys, values, positions, shared, storage.has_padding or hidden)
 
     def store(self, keys_bgpd, values_bgpd, positions_bgp, num_slots: int, has_padding: bool) -> None:
@@ -290,6 +292,24 @@ class HookedCacheLayer(CacheLayerMixin):
                 "token slots are no longer all stored; fork() the cache before the step you want to return to"
             )
         self.truncate(self.physical_length - removed, self.logical_length - removed)
+
+
+def _read_hook(point: CachedDecodingHookPoint, read: torch.Tensor, context: ForwardContext,
+               key_positions: torch.Tensor, views_storage: bool) -> torch.Tensor:
+    """`run_hook` on what attention reads. Where the read is a view of the stored entries, an in-place edit
+    would change the cache for every later forward, not this read: refused, naming the two ways to do either."""
+    if not point.is_hooked():
+        return read
+    version = tensor_version(read) if views_storage else None
+    result = run_hook(point, read, context, key_positions=key_positions)
+    if version is not None and tensor_version(read) != version:
+        raise ValueError(
+            f"{point.name}: the hook edited the cache's stored entries in place (this read is a view of the "
+            "cache's storage, so the edit would outlive this forward); return an edited copy to change what "
+            "attention reads now, or change the cache itself between forwards with cache.replace_entries(); "
+            "this cache already holds the edit, so start again from a fresh (or forked) one"
+        )
+    return result
 
 
 def _keep_hook(hooks: CacheHooks, chosen_bgn: torch.Tensor, context: ForwardContext, num_entries: int,
