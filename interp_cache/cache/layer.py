@@ -28,7 +28,13 @@ from interp_cache.cache.policy_interface import CachePolicy, Observation
 from interp_cache.cache.storage import Arrangement, LayerStorage
 from interp_cache.core.attention import AttentionSpec, CacheRead
 from interp_cache.core.context import ForwardContext
-from interp_cache.core.hook_points import CacheHooks, CachedDecodingHookPoint, run_hook, tensor_version
+from interp_cache.core.hook_points import (
+    CacheHooks,
+    CachedDecodingHookPoint,
+    run_hook,
+    run_hook_noting_change,
+    tensor_version,
+)
 
 
 @dataclass(frozen=True)
@@ -133,11 +139,8 @@ class HookedCacheLayer(CacheLayerMixin):
         if hooks.hook_v_read.is_hooked() and not isinstance(values, torch.Tensor):
             # The hook sees the values; attention mixes them from storage unless the hook replaced or edited them,
             # so a hook that only reads (or patches another step) leaves the arithmetic bit for bit alone.
-            materialized = values.materialize()
-            version = tensor_version(materialized)
-            patched = run_hook(hooks.hook_v_read, materialized, context, key_positions=positions)
-            edited = patched is not materialized or version is None or tensor_version(patched) != version
-            values = patched if edited else values
+            patched, changed = run_hook_noting_change(hooks.hook_v_read, values.materialize(), context, positions)
+            values = patched if changed else values
         else:
             values = _read_hook(hooks.hook_v_read, values, context, positions, views_storage)
         return CacheRead(keys, values, positions, shared, storage.has_padding or hidden)
@@ -316,11 +319,7 @@ def _keep_hook(hooks: CacheHooks, chosen_bgn: torch.Tensor, context: ForwardCont
                key_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
     """`(indices, patched)` after `hook_keep`. A patched choice -- returned or edited in place -- is checked
     against the entries in question; the policy's own is trusted (its order included: `choose_keep`)."""
-    if not hooks.hook_keep.is_hooked():
-        return chosen_bgn, False
-    version = tensor_version(chosen_bgn)
-    keep_bgn = run_hook(hooks.hook_keep, chosen_bgn, context, key_positions=key_positions)
-    patched = keep_bgn is not chosen_bgn or version is None or tensor_version(keep_bgn) != version
+    keep_bgn, patched = run_hook_noting_change(hooks.hook_keep, chosen_bgn, context, key_positions)
     if patched:
         _check_indices(hooks, keep_bgn, num_entries)
     return keep_bgn, patched

@@ -66,6 +66,20 @@ def run_hook(
     """Pass `activation` through `point`; free when nothing is attached."""
     if not point._forward_hooks:
         return activation
+    return run_hook_noting_change(point, activation, context, key_positions)[0]
+
+
+def run_hook_noting_change(
+    point: CachedDecodingHookPoint,
+    activation: torch.Tensor,
+    context: ForwardContext,
+    key_positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """`(result, changed)`: `run_hook`'s result, and whether a hook replaced the activation or edited it in
+    place -- for callers that act differently on a patched value (a patched keep-set is checked, a patched
+    read of values in storage is mixed instead of the storage)."""
+    if not point._forward_hooks:
+        return activation, False
     if activation.ndim != len(point.layout.axes):
         raise RuntimeError(
             f"{point.name!r} declares axes {point.layout.axes} but was called with shape {tuple(activation.shape)}"
@@ -90,7 +104,7 @@ def run_hook(
     untouched = result is activation and version_before is not None and tensor_version(result) == version_before
     if point.check_outputs and not untouched and result.is_floating_point():
         _check_finite(point, result, context)
-    return result
+    return result, not untouched
 
 
 def _call_forward_hooks(point: CachedDecodingHookPoint, activation: torch.Tensor) -> torch.Tensor:
